@@ -1,0 +1,163 @@
+"""Why a pruned model is as good as it is: damping, padding frames, allocation, calibration size.
+
+Calibrates once per calibration setting (padding frames excluded or included, number of
+clips), then prunes and evaluates each variant on the embedded evaluation split, side by side
+in one process. Writes metrics/bench/ablation.json and prints a table.
+
+    python bench/bench_ablation.py                       # the default grid (~15 min on 2 cores)
+    python bench/bench_ablation.py --variants sparsegpt:unstructured:0.5:0.01:excl:uniform:96
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import torch
+
+from whisper_obs_pruning.calibration import run_calibration
+from whisper_obs_pruning.data import load_utterances
+from whisper_obs_pruning.evaluate import evaluate_model
+from whisper_obs_pruning.hessian import HessianCollector, linear_layers
+from whisper_obs_pruning.models import decoder_prompt_ids, load_whisper
+from whisper_obs_pruning.pruning import prune_layers, select_targets
+from whisper_obs_pruning.sequential import prune_sequential
+
+DEFAULT_VARIANTS = [
+    # method:pattern:sparsity:rel_damp:padding:allocation:calibration clips[:seq]
+    "sparsegpt:unstructured:0.5:0.01:excl:uniform:96",
+    "sparsegpt:unstructured:0.5:0.05:excl:uniform:96",
+    "sparsegpt:unstructured:0.5:0.1:excl:uniform:96",
+    "sparsegpt:unstructured:0.5:0.01:incl:uniform:96",
+    "sparsegpt:unstructured:0.5:0.01:excl:uniform:32",
+    "sparsegpt:unstructured:0.5:0.01:excl:owl:96",
+    "sparsegpt:unstructured:0.5:0.01:excl:uniform:96:seq",
+    "obs:unstructured:0.5:0.01:excl:uniform:96",
+    "sparsegpt:2:4:0.5:0.01:excl:uniform:96",
+    "sparsegpt:2:4:0.5:0.1:excl:uniform:96",
+]
+
+
+def parse_variant(text: str) -> dict:
+    parts = text.split(":")
+    if parts[1] != "unstructured":  # "2:4" contains a colon
+        parts = [parts[0], f"{parts[1]}:{parts[2]}", *parts[3:]]
+    method, pattern, sparsity, damp, padding, allocation, clips = parts
+    return {
+        "method": method,
+        "pattern": pattern,
+        "sparsity": float(sparsity),
+        "rel_damp": float(damp),
+        "padding": padding,
+        "allocation": allocation,
+        "clips": int(clips),
+        "name": text,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="bundled:tiny.en")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--variants", nargs="*", default=DEFAULT_VARIANTS)
+    ap.add_argument("--eval-limit", type=int, default=None)
+    ap.add_argument("--out", default="metrics/bench/ablation.json")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    variants = [parse_variant(v) for v in args.variants]
+    model, processor = load_whisper(args.model, device=args.device)
+    calib = load_utterances("embedded", "calibration").utterances
+    evals = load_utterances("embedded", "evaluation", limit=args.eval_limit).utterances
+    layers = linear_layers(model)
+    targets = select_targets(list(layers))
+    prompt = decoder_prompt_ids(model, processor)
+    hessians: dict[tuple, dict[str, torch.Tensor]] = {}
+    for key in sorted({(v["padding"], v["clips"]) for v in variants if not v["sequential"]}):
+        t0 = time.perf_counter()
+        with HessianCollector(layers) as col:
+            run_calibration(
+                model,
+                processor,
+                calib[: key[1]],
+                col,
+                prompt,
+                exclude_padding=key[0] == "excl",
+                progress=False,
+            )
+        hessians[key] = {n: s.hessian() for n, s in col.hessians(targets).items()}
+        print(f"calibrated {key} in {time.perf_counter() - t0:.0f} s", flush=True)
+    dense = {n: layers[n].weight.data.clone() for n in targets}
+    rows = []
+    m, _ = evaluate_model(model, processor, evals, progress=False)
+    rows.append({"name": "dense", "wer": m["wer"], "cer": m["cer"], "prune_s": 0.0})
+    print(f"dense: WER {100 * m['wer']:.2f}%", flush=True)
+    for v in variants:
+        for n in targets:
+            layers[n].weight.data.copy_(dense[n])
+        t0 = time.perf_counter()
+        if v["sequential"]:
+            prune_sequential(
+                model,
+                processor,
+                calib[: v["clips"]],
+                targets,
+                prompt,
+                method=v["method"],
+                sparsity=v["sparsity"],
+                pattern=v["pattern"],
+                rel_damp=v["rel_damp"],
+                exclude_padding=v["padding"] == "excl",
+                progress=False,
+            )
+        else:
+            prune_layers(
+                model,
+                targets,
+                hessians[(v["padding"], v["clips"])].__getitem__,
+                method=v["method"],
+                sparsity=v["sparsity"],
+                pattern=v["pattern"],
+                rel_damp=v["rel_damp"],
+                allocation=v["allocation"],
+                progress=False,
+            )
+        prune_s = time.perf_counter() - t0
+        m, _ = evaluate_model(model, processor, evals, progress=False)
+        rows.append(
+            {**copy.deepcopy(v), "wer": m["wer"], "cer": m["cer"], "prune_s": round(prune_s, 1)}
+        )
+        print(
+            f"{v['name']}: WER {100 * m['wer']:.2f}% CER {100 * m['cer']:.2f}% "
+            f"(prune {prune_s:.0f} s)",
+            flush=True,
+        )
+    dense_wer = rows[0]["wer"]
+    print("\n| variant | WER % | x dense | CER % | prune s |\n|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['name']} | {100 * r['wer']:.2f} | {r['wer'] / dense_wer:.2f} | "
+            f"{100 * r['cer']:.2f} | {r['prune_s']} |"
+        )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        json.dumps(
+            {
+                "command": " ".join(sys.argv),
+                "model": args.model,
+                "num_eval": len(evals),
+                "rows": rows,
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""MLflow tracking: one place that decides the store, and fails fast when it is unreachable.
+
+The default store is an absolute ``sqlite:///<repo>/mlflow.db``: queued DVC experiments run in
+a temporary copy under ``.dvc/tmp/exps/``, and a relative URI would put their runs in that copy,
+lost when it is deleted. ``MLFLOW_TRACKING_URI`` (or ``mlflow.tracking_uri`` in params.yaml)
+overrides it. ``mlflow`` is imported lazily: it costs seconds, and the library needs none of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+
+
+class TrackingError(RuntimeError):
+    """The MLflow tracking store cannot be used."""
+
+
+def project_root(start: str | Path | None = None) -> Path:
+    """The user's repository, also from inside a queued experiment's temporary copy."""
+    start = Path(start or Path.cwd()).resolve()
+    parts = start.parts
+    for i in range(len(parts) - 3):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    for p in (start, *start.parents):
+        if (p / "dvc.yaml").exists() or (p / ".git").exists():
+            return p
+    return start
+
+
+def tracking_uri(configured: str | None = None, root: str | Path | None = None) -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or configured
+    if uri:
+        return uri
+    return f"sqlite:///{project_root(root) / 'mlflow.db'}"
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """An http(s) tracking server must answer within ``timeout`` s, or we stop with a message."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:
+            if resp.status >= 500:
+                raise TrackingError(f"MLflow server {uri} answered HTTP {resp.status}")
+    except (urllib.error.URLError, OSError, TimeoutError) as exc:
+        raise TrackingError(
+            f"MLflow tracking server {uri} is unreachable ({exc}). Start it (make ui), or unset "
+            "MLFLOW_TRACKING_URI to log to the local sqlite store"
+        ) from exc
+
+
+def setup(experiment: str, configured_uri: str | None = None):
+    """Configure mlflow (URI, experiment, no long HTTP retries); return the module."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    uri = tracking_uri(configured_uri)
+    check_reachable(uri)
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    try:
+        with _sqlite_init_lock(uri):
+            if uri.startswith("sqlite:///") and mlflow.get_experiment_by_name(experiment) is None:
+                # Artifacts next to the database, by absolute path: MLflow's default is
+                # ./mlruns of the current directory, i.e. inside a queued experiment's temp copy.
+                root = Path(uri.removeprefix("sqlite:///")).parent
+                mlflow.create_experiment(experiment, (root / "mlartifacts").as_uri())
+            mlflow.set_experiment(experiment)
+    except Exception as exc:  # noqa: BLE001 - any store failure must say where and why
+        raise TrackingError(f"cannot use MLflow store {uri}: {exc}") from exc
+    return mlflow
+
+
+@contextlib.contextmanager
+def _sqlite_init_lock(uri: str) -> Iterator[None]:
+    """Serialise the first use of a sqlite store across processes.
+
+    Two queued experiments starting together would both run MLflow's schema migrations on a
+    new database and one fails ("table already exists"); afterwards sqlite's own locking (MLflow
+    sets a 20 s busy timeout) is enough for concurrent runs.
+    """
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def run(
+    experiment: str,
+    run_name: str,
+    *,
+    params: dict | None = None,
+    tags: dict | None = None,
+    configured_uri: str | None = None,
+    nested: bool = False,
+) -> Iterator[object]:
+    """Start a (possibly nested) MLflow run with params and tags; yields the mlflow module."""
+    mlflow = setup(experiment, configured_uri)
+    with mlflow.start_run(run_name=run_name, nested=nested, tags=tags or {}):
+        if params:
+            mlflow.log_params({k: ("null" if v is None else v) for k, v in params.items()})
+        yield mlflow

@@ -1,0 +1,22 @@
+"""DVC stage: prune the model from cached Hessians -> artifacts/pruned/ (HF dir, masks, report)."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # this checkout's code
+from whisper_obs_pruning.cli import stage_main
+from whisper_obs_pruning.pipeline import log_stage, prune
+
+
+def main(params: dict, args) -> None:
+    """Prune with prune.method / sparsity / pattern from the cached Hessians."""
+    summary = prune(params, args.hessians, args.out, progress=not args.no_progress)
+    log_stage(params, "prune", summary, [f"{args.out}/report.json"])
+    print(f"[prune] {summary}")
+
+
+if __name__ == "__main__":
+    stage_main("prune", main, lambda ap: (
+        ap.add_argument("--hessians", default="artifacts/hessians"),
+        ap.add_argument("--out", default="artifacts/pruned"),
+    ))

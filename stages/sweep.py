@@ -1,0 +1,22 @@
+"""DVC stage: methods x sparsities from the cached Hessians -> metrics/sweep.{json,csv,png}."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # this checkout's code
+from whisper_obs_pruning.cli import stage_main
+from whisper_obs_pruning.sweep import format_table, run_sweep
+
+
+def main(params: dict, args) -> None:
+    """Sweep every method over every sparsity (and N:M pattern) plus the dense baseline."""
+    summary = run_sweep(params, args.hessians, args.out, args.state, progress=not args.no_progress)
+    print(format_table(summary))
+
+
+if __name__ == "__main__":
+    stage_main("sweep", main, lambda ap: (
+        ap.add_argument("--hessians", default="artifacts/hessians"),
+        ap.add_argument("--out", default="metrics"),
+        ap.add_argument("--state", default="artifacts/sweep_state"),
+    ))

@@ -1,0 +1,163 @@
+"""The real DVC pipeline on a small config, in a temporary copy of the repository."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+SMALL = {
+    "model": {"device": "cpu"},
+    "data": {"calibration": {"max_samples": 6}, "evaluation": {"max_samples": 8}},
+    "prune": {"method": "sparsegpt", "sparsity": 0.5},
+    "sweep": {"methods": ["magnitude", "sparsegpt"], "sparsities": [0.5], "patterns": ["2:4"]},
+}
+
+
+def sh(cmd: list[str], cwd: Path, env: dict, timeout: int = 900) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def deep_update(base: dict, over: dict) -> dict:
+    for k, v in over.items():
+        base[k] = deep_update(base.get(k, {}), v) if isinstance(v, dict) else v
+    return base
+
+
+@pytest.fixture(scope="module")
+def repo_copy(tmp_path_factory):
+    """A git + DVC repository holding this checkout's pipeline, with the small params."""
+    root = tmp_path_factory.mktemp("pipeline") / "repo"
+    root.mkdir()
+    for item in ("dvc.yaml", "stages", "src", "data", "pyproject.toml"):
+        src = REPO / item
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, root / item)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    (root / "params.yaml").write_text(yaml.safe_dump(deep_update(params, SMALL)))
+    (root / ".gitignore").write_text("mlflow.db\n")
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
+           "MLFLOW_DISABLE_TELEMETRY": "true", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    sh(["git", "init", "-q"], root, env)
+    sh(["dvc", "init", "-q"], root, env)
+    sh(["git", "add", "-A"], root, env)
+    sh(["git", "commit", "-qm", "pipeline under test"], root, env)
+    return root, env
+
+
+@pytest.fixture(scope="module")
+def repro(repo_copy):
+    root, env = repo_copy
+    out = sh(["dvc", "repro"], root, env, timeout=1500)
+    return root, env, out
+
+
+def test_dvc_repro_writes_metrics(repro):
+    root, _, out = repro
+    ev = json.loads((root / "metrics/eval.json").read_text())
+    for key in ("wer", "cer", "sparsity", "method", "target_sparsity", "num_utterances"):
+        assert key in ev
+    assert ev["method"] == "sparsegpt" and ev["target_sparsity"] == 0.5
+    assert ev["sparsity"] == pytest.approx(0.5, abs=1e-4)  # measured on the saved weights
+    assert ev["num_utterances"] == 8
+    assert 0 <= ev["wer"] < 0.6 and 0 <= ev["cer"] <= ev["wer"] + 0.2
+
+    sweep = json.loads((root / "metrics/sweep.json").read_text())
+    assert sweep["dense"]["wer"] < 0.3  # dense tiny.en on the embedded set is ~0.08
+    assert sweep["dense"]["sparsity"] == 0.0
+    pts = {(p["method"], p["pattern"]): p for p in sweep["points"]}
+    assert set(pts) == {("magnitude", "unstructured"), ("sparsegpt", "unstructured"),
+                        ("magnitude", "2:4"), ("sparsegpt", "2:4")}
+    for p in sweep["points"]:
+        assert p["sparsity"] == pytest.approx(0.5, abs=1e-4)
+        for k in ("wer", "cer", "target_sparsity"):
+            assert p[k] >= 0
+    # the second-order method must not be worse than magnitude at 50 %
+    assert pts[("sparsegpt", "unstructured")]["wer"] <= pts[("magnitude", "unstructured")]["wer"]
+    csv_lines = (root / "metrics/sweep.csv").read_text().splitlines()
+    assert csv_lines[0] == "method,pattern,target_sparsity,sparsity,wer,cer"
+    assert len(csv_lines) == 1 + 1 + 4
+    assert (root / "metrics/sparsity_wer.png").stat().st_size > 10_000
+    assert "dense model" in out  # the sweep prints its table
+    manifest = json.loads((root / "artifacts/hessians/manifest.json").read_text())
+    assert len(manifest["layers"]) == 65 and manifest["calibration"]["utterances"] == 6
+    from transformers import WhisperForConditionalGeneration
+
+    m = WhisperForConditionalGeneration.from_pretrained(root / "artifacts/pruned/model")
+    assert float((m.model.encoder.layers[0].fc1.weight == 0).float().mean()) == pytest.approx(0.5)
+
+
+def test_mlflow_runs_nested(repro):
+    root, _, _ = repro
+    db = sqlite3.connect(root / "mlflow.db")
+    runs = db.execute("SELECT run_uuid, name, status FROM runs").fetchall()
+    names = [r[1] for r in runs]
+    for stage in ("calibrate", "prune", "evaluate", "sweep"):
+        assert stage in names
+    assert all(r[2] == "FINISHED" for r in runs)
+    parent = next(r[0] for r in runs if r[1] == "sweep")
+    children = db.execute(
+        "SELECT run_uuid FROM tags WHERE key='mlflow.parentRunId' AND value=?", (parent,)
+    ).fetchall()
+    assert len(children) == 5  # dense + 4 points
+    steps = db.execute(
+        "SELECT DISTINCT step FROM metrics WHERE key='wer' AND run_uuid IN "
+        f"({','.join('?' * len(children))})", [c[0] for c in children]).fetchall()
+    assert {s[0] for s in steps} == {0, 50}
+    artifacts = db.execute("SELECT artifact_uri FROM runs WHERE run_uuid=?", (parent,)).fetchone()
+    art_dir = Path(artifacts[0].replace("file://", ""))
+    assert (art_dir / "sparsity_wer.png").exists() and (art_dir / "sweep.json").exists()
+
+
+def test_repro_again_is_cached_and_exp_run_changes_one_param(repro):
+    root, env, _ = repro
+    status = sh(["dvc", "status"], root, env)
+    assert "up to date" in status.lower() or status.strip() == ""
+    out = sh(["dvc", "exp", "run", "-S", "prune.sparsity=0.4"], root, env, timeout=1500)
+    assert "Running stage 'calibrate'" not in out  # Hessians come from the cache
+    assert "Running stage 'sweep'" not in out  # the sweep does not read prune.sparsity
+    ev = json.loads((root / "metrics/eval.json").read_text())
+    assert ev["target_sparsity"] == 0.4
+    assert ev["sparsity"] == pytest.approx(0.4, abs=1e-4)
+    shown = json.loads(sh(["dvc", "exp", "show", "--json"], root, env))
+    assert "0.4" in json.dumps(shown)
+
+
+@pytest.mark.slow
+def test_two_queued_experiments_run_concurrently(repro):
+    """`dvc queue start -j 2`: both experiments finish and both log complete MLflow runs."""
+    import time
+
+    root, env, _ = repro
+    for s in ("0.3", "0.6"):
+        sh(["dvc", "exp", "run", "--queue", "-S", f"prune.sparsity={s}"], root, env)
+    sh(["dvc", "queue", "start", "-j", "2"], root, env)
+    deadline = time.time() + 1500
+    while time.time() < deadline:
+        status = sh(["dvc", "queue", "status"], root, env)
+        if "Running" not in status and "Queued" not in status:
+            break
+        time.sleep(5)
+    assert "Failed" not in status, status
+    assert status.count("Success") >= 2, status
+    db = sqlite3.connect(root / "mlflow.db")
+    rows = db.execute(
+        "SELECT r.status, p.value FROM runs r JOIN params p ON p.run_uuid = r.run_uuid "
+        "WHERE r.name = 'evaluate' AND p.key = 'prune.sparsity'").fetchall()
+    finished = {v for st, v in rows if st == "FINISHED"}
+    assert {"0.3", "0.6"} <= finished
+    # the queued runs logged to the repository's store, not to their temporary copies
+    assert not list((root / ".dvc" / "tmp" / "exps").rglob("mlflow.db"))

@@ -1,0 +1,369 @@
+"""Bad input gets a clear error and loses nothing: params, artifacts, numerics, tracking."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from whisper_obs_pruning.artifacts import (
+    ArtifactError,
+    atomic_directory,
+    check_hessian_set,
+    load_hessian,
+    model_fingerprint,
+    read_manifest,
+    save_hessian_set,
+    write_json_atomic,
+)
+from whisper_obs_pruning.hessian import linear_layers
+from whisper_obs_pruning.params import DEFAULTS, ParamsError, load_params
+from whisper_obs_pruning.tracking import TrackingError, check_reachable, project_root
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------ params
+def write_params(tmp_path, over: dict) -> Path:
+    p = copy.deepcopy(yaml.safe_load((REPO / "params.yaml").read_text()))
+    for dotted, value in over.items():
+        node = p
+        *parents, last = dotted.split(".")
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[last] = value
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(p))
+    return path
+
+
+def test_repo_params_are_valid():
+    p = load_params(REPO / "params.yaml")
+    assert p["model"]["id"] == "bundled:tiny.en"
+    assert set(p) == set(DEFAULTS)
+
+
+@pytest.mark.parametrize(
+    ("over", "message"),
+    [
+        ({"prune.sparsity": 1.0}, r"prune.sparsity = 1.0 must be a number in \[0, 1\)"),
+        ({"prune.sparsity": -0.1}, "prune.sparsity"),
+        ({"prune.sparsity": "half"}, "prune.sparsity"),
+        ({"prune.method": "obd"}, r"prune.method = 'obd' is not allowed; choose one of \['magn"),
+        ({"prune.pattern": "4:2"}, "prune.pattern: pattern 4:2 is malformed"),
+        ({"prune.pattern": "0:4"}, "malformed"),
+        ({"prune.pattern": "2-4"}, "N:M"),
+        ({"prune.rel_damp": -1e-3}, "prune.rel_damp"),
+        ({"prune.allocation": "owl", "prune.pattern": "2:4"}, "uniform"),
+        ({"prune.targets.include": "fc1"}, "prune.targets.include must be a list"),
+        ({"data.calibration.max_samples": 0}, "data.calibration.max_samples = 0 must be a pos"),
+        ({"sweep.sparsities": [0.5, 1.2]}, r"sweep.sparsities\[\] = 1.2"),
+        ({"sweep.methods": ["sparsegpt", "wanda"]}, "sweep.methods"),
+        ({"sweep.patterns": ["unstructured"]}, "sweep.patterns"),
+        ({"calibrate.hessian": "diagonal"}, "needs calibrate.hessian = 'full'"),
+        ({"model.device": "tpu"}, "model.device"),
+        ({"prune.sparsty": 0.5}, "unknown key 'prune.sparsty'"),
+        ({"evaluate.batch_size": 0}, "evaluate.batch_size"),
+    ],
+)
+def test_bad_params_name_the_key(tmp_path, over, message):
+    with pytest.raises(ParamsError, match=message):
+        load_params(write_params(tmp_path, over))
+
+
+def test_params_file_problems(tmp_path):
+    with pytest.raises(ParamsError, match="not found"):
+        load_params(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("prune: [unclosed\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(bad)
+
+
+def run_stage(stage: str, params: Path, *extra: str, cwd: Path | None = None):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{params.parent / 'mlflow.db'}"}
+    return subprocess.run([sys.executable, str(REPO / "stages" / f"{stage}.py"), "--params",
+                           str(params), "--no-progress", *extra], capture_output=True, text=True,
+                          cwd=cwd or params.parent, env=env, timeout=600)
+
+
+def test_stage_reports_bad_params_without_traceback(tmp_path):
+    proc = run_stage("prune", write_params(tmp_path, {"prune.method": "optimal"}))
+    assert proc.returncode == 2
+    assert "error: prune.method = 'optimal' is not allowed" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_stage_reports_missing_data_and_unknown_layers(tmp_path):
+    proc = run_stage("calibrate", write_params(tmp_path, {"data.calibration.source":
+                                                          str(tmp_path / "no_such_folder")}))
+    assert proc.returncode == 2 and "no_such_folder" in proc.stderr
+    assert not (tmp_path / "artifacts").exists()  # nothing half-written
+    proc = run_stage("prune", write_params(tmp_path, {"prune.targets.include": ["encoder.fc9"],
+                                                      "prune.method": "magnitude"}),
+                     "--out", str(tmp_path / "pruned"))
+    assert proc.returncode == 2 and "'encoder.fc9' matches no Linear layer" in proc.stderr
+
+
+def test_unknown_model_offline_says_hub_unreachable(tmp_path):
+    proc = run_stage("calibrate", write_params(tmp_path, {"model.id": "openai/whisper-nonexistent"}))
+    assert proc.returncode == 2
+    assert "bundled:tiny.en" in proc.stderr  # tells the user how to use the bundled model
+
+
+# ------------------------------------------------------------------ artifacts
+@pytest.fixture(scope="module")
+def hessian_set(tmp_path_factory, tiny):
+    """A real (small) Hessian set of tiny.en, written by the calibrate code path."""
+    from whisper_obs_pruning.pipeline import calibrate
+
+    d = tmp_path_factory.mktemp("hess")
+    params = load_params(REPO / "params.yaml")
+    params["data"]["calibration"]["max_samples"] = 2
+    params["model"]["device"] = "cpu"
+    calibrate(params, d / "hessians", progress=False)
+    return d / "hessians"
+
+
+def copy_set(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def targets_of(model):
+    return [n for n in linear_layers(model) if n != "proj_out"]
+
+
+def test_hessian_set_roundtrip_and_sharing(hessian_set, tiny):
+    model, _ = tiny
+    manifest = check_hessian_set(hessian_set, model, targets_of(model),
+                                 model_fingerprint(model, list(linear_layers(model))))
+    assert len(manifest["layers"]) == 65
+    files = {e["file"] for e in manifest["layers"].values()}
+    assert len(files) == len(list(hessian_set.glob("*.safetensors"))) == 42
+    H = load_hessian(hessian_set, manifest, "model.encoder.layers.0.fc1")
+    assert H.dtype == torch.float64 and H.shape == (384, 384)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "nan", "dtype", "shape", "missing"])
+def test_corrupt_hessian_is_refused_naming_the_layer(hessian_set, tmp_path, damage):
+    d = copy_set(hessian_set, tmp_path / "h")
+    manifest = read_manifest(d)
+    name = "model.decoder.layers.2.fc2"
+    f = d / manifest["layers"][name]["file"]
+    if damage == "truncate":
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    elif damage == "flip":
+        b = bytearray(f.read_bytes())
+        b[-100] ^= 0xFF
+        f.write_bytes(bytes(b))
+    elif damage in ("nan", "dtype", "shape"):
+        H = torch.zeros(1536, 1536, dtype=torch.float64)
+        if damage == "nan":
+            H[3, 3] = float("nan")
+        elif damage == "dtype":
+            H = H.float()
+        else:
+            H = torch.zeros(384, 384, dtype=torch.float64)
+        save_file({"H": H}, str(f))
+        from whisper_obs_pruning.artifacts import sha256_file
+
+        manifest["layers"][name]["sha256"] = sha256_file(f)  # a consistent but bad file
+        (d / "manifest.json").write_text(json.dumps(manifest))
+    else:
+        f.unlink()
+    with pytest.raises(ArtifactError, match=name.replace(".", r"\.")):
+        load_hessian(d, read_manifest(d), name)
+
+
+def test_hessians_of_another_model_are_refused(hessian_set, tiny):
+    model, _ = tiny
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.model.encoder.layers[0].fc1.weight.mul_(1.01)  # another checkpoint
+    names = targets_of(other)
+    with pytest.raises(ArtifactError, match="another model"):
+        check_hessian_set(hessian_set, other, names, model_fingerprint(other, list(linear_layers(other))))
+    # other layer shapes (e.g. a wider model), with the fingerprint check skipped
+    wide = torch.nn.Module()
+    wide.add_module("proj", torch.nn.Linear(512, 10))
+    with pytest.raises(ArtifactError, match="no Hessian for layer 'proj'"):
+        check_hessian_set(hessian_set, wide, ["proj"], None)
+
+
+def test_missing_manifest_means_no_hessian_set(hessian_set, tmp_path):
+    d = copy_set(hessian_set, tmp_path / "h")
+    (d / "manifest.json").unlink()
+    with pytest.raises(ArtifactError, match="manifest.json is missing"):
+        read_manifest(d)
+
+
+def test_save_refuses_nan_and_leaves_old_set(tmp_path):
+    out = tmp_path / "set"
+    good = {"a": torch.eye(4, dtype=torch.float64)}
+    save_hessian_set(out, good, {"a": 3}, {}, {"model_id": "x"})
+    bad = {"a": torch.full((4, 4), float("nan"), dtype=torch.float64)}
+    with pytest.raises(ArtifactError, match="'a' has NaN"):
+        save_hessian_set(out, bad, {"a": 3}, {}, {"model_id": "x"})
+    assert read_manifest(out)["layers"]["a"]["n_samples"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]  # no temp dirs left behind
+
+
+WRITER = r"""
+import sys, torch, time
+sys.path.insert(0, {src!r})
+from whisper_obs_pruning.artifacts import save_hessian_set, write_json_atomic
+i = 0
+while True:
+    i += 1
+    Hs = {{f"l{{k}}": torch.full((512, 512), float(i), dtype=torch.float64) for k in range(12)}}
+    save_hessian_set({out!r}, Hs, {{k: i for k in Hs}}, {{}}, {{"model_id": "gen%d" % i}})
+    write_json_atomic({js!r}, {{"i": i, "pad": "x" * 200000}})
+    print(i, flush=True)
+"""
+
+
+def test_killed_writer_leaves_old_or_new_never_half(tmp_path):
+    """SIGKILL a process that keeps rewriting a Hessian set and a JSON file, at random times."""
+    out, js = tmp_path / "set", tmp_path / "m.json"
+    code = WRITER.format(src=str(REPO / "src"), out=str(out), js=str(js))
+    for delay in (0.3, 0.55, 0.8, 1.1, 1.7):
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        time.sleep(delay + 1.5)  # import time + some writes
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if out.exists():
+            manifest = read_manifest(out)
+            gen = int(manifest["model_id"][3:])
+            for name in manifest["layers"]:
+                H = load_hessian(out, manifest, name)  # sha256-verified, complete
+                assert float(H[0, 0]) == gen
+        if js.exists():
+            assert json.loads(js.read_text())["i"] >= 1
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name not in ("set", "m.json")]
+    assert all(p.startswith(".") for p in leftovers)  # only hidden temp names, never the target
+
+
+def test_atomic_directory_failure_keeps_old(tmp_path):
+    target = tmp_path / "d"
+    with atomic_directory(target) as tmp:
+        (tmp / "f").write_text("old")
+    with pytest.raises(RuntimeError), atomic_directory(target) as tmp:
+        (tmp / "f").write_text("new")
+        raise RuntimeError("interrupted")
+    assert (target / "f").read_text() == "old"
+    write_json_atomic(tmp_path / "x.json", {"a": 1})
+    assert json.loads((tmp_path / "x.json").read_text()) == {"a": 1}
+
+
+# ------------------------------------------------------------------ numerics and determinism
+def test_fp16_model_prunes_without_nan(tiny):
+    from whisper_obs_pruning.pruning import prune_layers
+
+    model = copy.deepcopy(tiny[0]).half()
+    names = ["model.encoder.layers.0.fc1", "model.decoder.layers.0.self_attn.q_proj"]
+    g = torch.Generator().manual_seed(0)
+    Hs = {}
+    for n in names:
+        d = dict(model.named_modules())[n].weight.shape[1]
+        X = torch.randn(50, d, generator=g, dtype=torch.float64)
+        X[:, :10] = 0  # dead inputs, and fewer samples than columns
+        Hs[n] = 2 / 50 * X.T @ X
+    report = prune_layers(model, names, Hs.__getitem__, method="sparsegpt", sparsity=0.6,
+                          rel_damp=0.0, progress=False)
+    for n in names:
+        w = dict(model.named_modules())[n].weight
+        assert w.dtype == torch.float16 and torch.isfinite(w).all()
+        assert report[n]["sparsity"] == pytest.approx(0.6, abs=1e-3)
+
+
+def test_calibration_and_pruning_are_bit_identical_twice(hessian_set, tmp_path, tiny):
+    from whisper_obs_pruning.pipeline import calibrate
+
+    params = load_params(REPO / "params.yaml")
+    params["data"]["calibration"]["max_samples"] = 2
+    params["model"]["device"] = "cpu"
+    calibrate(params, tmp_path / "again", progress=False)
+    a, b = read_manifest(hessian_set), read_manifest(tmp_path / "again")
+    assert {k: v["sha256"] for k, v in a["layers"].items()} == {
+        k: v["sha256"] for k, v in b["layers"].items()}
+    from whisper_obs_pruning.pruning import prune_layers
+
+    results = []
+    for _ in range(2):
+        model = copy.deepcopy(tiny[0])
+        names = ["model.encoder.layers.1.fc2", "model.decoder.layers.0.encoder_attn.k_proj"]
+        prune_layers(model, names, lambda n: load_hessian(hessian_set, a, n), method="obs",
+                     sparsity=0.5, progress=False)
+        results.append([dict(model.named_modules())[n].weight.clone() for n in names])
+    assert all(torch.equal(x, y) for x, y in zip(*results, strict=True))
+
+
+# ------------------------------------------------------------------ tracking
+def test_unreachable_tracking_server_fails_fast():
+    t0 = time.perf_counter()
+    with pytest.raises(TrackingError, match="unreachable"):
+        check_reachable("http://127.0.0.1:9", timeout=3)  # discard port: nothing listens
+    assert time.perf_counter() - t0 < 10
+
+
+def test_project_root_from_queued_experiment_copy(tmp_path):
+    repo = tmp_path / "repo"
+    tmpcopy = repo / ".dvc" / "tmp" / "exps" / "tmpabc123"
+    tmpcopy.mkdir(parents=True)
+    (tmpcopy / "dvc.yaml").write_text("stages: {}\n")
+    assert project_root(tmpcopy) == repo
+
+
+# ------------------------------------------------------------------ resume
+def test_interrupted_sweep_resumes_without_duplicate_runs(hessian_set, tmp_path):
+    """Kill the sweep stage after two finished points; the rerun reuses them and its run."""
+    import sqlite3
+
+    params = write_params(tmp_path, {
+        "model.device": "cpu", "data.evaluation.max_samples": 3,
+        "sweep.methods": ["magnitude"], "sweep.sparsities": [0.2, 0.4, 0.6, 0.8],
+        "sweep.patterns": [],
+    })
+    state = tmp_path / "state" / "state.json"
+    args = ["--hessians", str(hessian_set), "--out", str(tmp_path / "metrics"),
+            "--state", str(tmp_path / "state")]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    proc = subprocess.Popen([sys.executable, str(REPO / "stages/sweep.py"), "--params",
+                             str(params), "--no-progress", *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 400
+    while time.time() < deadline:
+        if state.exists() and len(json.loads(state.read_text())["points"]) >= 2:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = set(json.loads(state.read_text())["points"])
+    assert 2 <= len(done_before) < 4, "the sweep should have been killed half-way"
+    assert not (tmp_path / "metrics" / "sweep.json").exists()
+
+    proc = run_stage("sweep", params, *args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for key in done_before:
+        assert f"{key} already done" in proc.stderr
+    summary = json.loads((tmp_path / "metrics" / "sweep.json").read_text())
+    assert [p["target_sparsity"] for p in summary["points"]] == [0.2, 0.4, 0.6, 0.8]
+    db = sqlite3.connect(tmp_path / "mlflow.db")
+    parents = db.execute("SELECT run_uuid FROM runs WHERE name='sweep'").fetchall()
+    assert len(parents) == 1  # the rerun continued the same parent run
+    children = db.execute("SELECT value FROM tags WHERE key='point'").fetchall()
+    points = [c[0] for c in children if c[0] != "dense"]
+    assert len(points) == len(set(points)) == 4  # no point logged twice
