@@ -127,6 +127,9 @@ def main() -> None:
 
     work = args.work_dir.resolve()
     work.mkdir(parents=True, exist_ok=True)
+    ignore = work / ".gitignore"  # the Hessian set (~180 MB for tiny.en) and stores stay local
+    if not ignore.exists():
+        ignore.write_text("hessians/\nstate/\nmlflow.db*\nmlartifacts/\n", encoding="utf-8")
     uri = f"sqlite:///{work / 'mlflow.db'}"
     os.environ["MLFLOW_TRACKING_URI"] = uri  # wins over params in tracking.tracking_uri
 

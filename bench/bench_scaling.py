@@ -111,15 +111,18 @@ def fit_loglog(points: list[tuple[int, float]]) -> tuple[float, float] | None:
 
 
 def predict(method: str, measured: list[tuple[int, float]], d: int) -> float | None:
-    fit = fit_loglog(measured[-3:])  # local fit: the largest measured widths
-    if fit is not None:
-        k, a = fit
-        k = max(k, THEORY[method] * 0.75)  # small widths are overhead-bound: be conservative
-        return math.exp(a + k * math.log(d))
-    if measured:
-        d0, t0 = measured[-1]
-        return t0 * (d / d0) ** THEORY[method]
-    return None
+    """Time at width d from the last measured point and a local exponent.
+
+    The exponent is the log-log slope over the (up to) three largest measured widths, but at
+    least 3/4 of the theoretical one (small widths are overhead-bound and flatten the slope);
+    with one point, the theoretical exponent.
+    """
+    if not measured:
+        return None
+    fit = fit_loglog(measured[-3:])
+    k = THEORY[method] if fit is None else max(fit[0], 0.75 * THEORY[method])
+    d0, t0 = measured[-1]
+    return t0 * (d / d0) ** k
 
 
 def _limit_cell(width: int | None, largest: int) -> str:

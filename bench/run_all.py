@@ -27,7 +27,8 @@ OUT = REPO / "metrics" / "bench"
 # name -> (script, modest default arguments)
 BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "calibration": ("bench_calibration.py", []),
-    "prune": ("bench_prune.py", []),
+    # exact OBS takes ~15+ min per pattern on tiny.en on 2 busy cores: cap it, extrapolate the rest
+    "prune": ("bench_prune.py", ["--budget-seconds", "300"]),
     "sweep_economics": ("bench_sweep_economics.py", []),
     "scaling": ("bench_scaling.py", []),
     "quality": (

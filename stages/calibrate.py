@@ -17,7 +17,11 @@ def main(params: dict, args) -> None:
 
 
 if __name__ == "__main__":
-    stage_main("calibrate", main, lambda ap: (
-        ap.add_argument("--out", default="artifacts/hessians"),
-        ap.add_argument("--metrics", default="metrics/calibrate.json"),
-    ))
+    stage_main(
+        "calibrate",
+        main,
+        lambda ap: (
+            ap.add_argument("--out", default="artifacts/hessians"),
+            ap.add_argument("--metrics", default="metrics/calibrate.json"),
+        ),
+    )

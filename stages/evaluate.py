@@ -14,13 +14,19 @@ def main(params: dict, args) -> None:
     write_rows_csv(args.utterances, rows)
     save_metrics(args.metrics, metrics)
     log_stage(params, "evaluate", metrics, [args.metrics, args.utterances])
-    print(f"[evaluate] WER {100 * metrics['wer']:.2f}%  CER {100 * metrics['cer']:.2f}%  "
-          f"sparsity {100 * metrics['sparsity']:.1f}% ({metrics['method']}, {metrics['pattern']})")
+    print(
+        f"[evaluate] WER {100 * metrics['wer']:.2f}%  CER {100 * metrics['cer']:.2f}%  "
+        f"sparsity {100 * metrics['sparsity']:.1f}% ({metrics['method']}, {metrics['pattern']})"
+    )
 
 
 if __name__ == "__main__":
-    stage_main("evaluate", main, lambda ap: (
-        ap.add_argument("--model", default="artifacts/pruned"),
-        ap.add_argument("--metrics", default="metrics/eval.json"),
-        ap.add_argument("--utterances", default="metrics/eval_utterances.csv"),
-    ))
+    stage_main(
+        "evaluate",
+        main,
+        lambda ap: (
+            ap.add_argument("--model", default="artifacts/pruned"),
+            ap.add_argument("--metrics", default="metrics/eval.json"),
+            ap.add_argument("--utterances", default="metrics/eval_utterances.csv"),
+        ),
+    )

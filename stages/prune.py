@@ -16,7 +16,11 @@ def main(params: dict, args) -> None:
 
 
 if __name__ == "__main__":
-    stage_main("prune", main, lambda ap: (
-        ap.add_argument("--hessians", default="artifacts/hessians"),
-        ap.add_argument("--out", default="artifacts/pruned"),
-    ))
+    stage_main(
+        "prune",
+        main,
+        lambda ap: (
+            ap.add_argument("--hessians", default="artifacts/hessians"),
+            ap.add_argument("--out", default="artifacts/pruned"),
+        ),
+    )

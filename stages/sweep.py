@@ -15,8 +15,12 @@ def main(params: dict, args) -> None:
 
 
 if __name__ == "__main__":
-    stage_main("sweep", main, lambda ap: (
-        ap.add_argument("--hessians", default="artifacts/hessians"),
-        ap.add_argument("--out", default="metrics"),
-        ap.add_argument("--state", default="artifacts/sweep_state"),
-    ))
+    stage_main(
+        "sweep",
+        main,
+        lambda ap: (
+            ap.add_argument("--hessians", default="artifacts/hessians"),
+            ap.add_argument("--out", default="metrics"),
+            ap.add_argument("--state", default="artifacts/sweep_state"),
+        ),
+    )

@@ -9,8 +9,10 @@ from whisper_obs_pruning.evaluate import evaluate_model, normalize, score
 
 
 def test_normaliser_makes_number_and_spelling_variants_equal():
-    m = score(["I paid $4.50 for 25 colour pencils."],
-              ["i paid four dollars and fifty cents for twenty five color pencils"])
+    m = score(
+        ["I paid $4.50 for 25 colour pencils."],
+        ["i paid four dollars and fifty cents for twenty five color pencils"],
+    )
     assert m["wer"] == 0.0 and m["cer"] == 0.0
     assert m["wer_raw"] > 0.5  # raw WER counts them all as errors
 

@@ -25,7 +25,9 @@ def capture_inputs(model, names):
     store = {n: [] for n in names}
     modules = dict(model.named_modules())
     handles = [
-        modules[n].register_forward_pre_hook(lambda m, a, n=n: store[n].append(a[0].detach().clone()))
+        modules[n].register_forward_pre_hook(
+            lambda m, a, n=n: store[n].append(a[0].detach().clone())
+        )
         for n in names
     ]
     return store, handles
@@ -35,9 +37,16 @@ def run(model, processor, utts, exclude_padding=True, diagonal=False, batch_size
     layers = linear_layers(model)
     store, handles = capture_inputs(model, CHECK)
     with HessianCollector(layers, diagonal=diagonal) as col:
-        counts = run_calibration(model, processor, utts, col,
-                                 decoder_prompt_ids(model, processor), batch_size=batch_size,
-                                 exclude_padding=exclude_padding, progress=False)
+        counts = run_calibration(
+            model,
+            processor,
+            utts,
+            col,
+            decoder_prompt_ids(model, processor),
+            batch_size=batch_size,
+            exclude_padding=exclude_padding,
+            progress=False,
+        )
     for h in handles:
         h.remove()
     return col, store, counts
@@ -53,7 +62,7 @@ def test_hessian_equals_direct_2_over_n_xtx(tiny, calib_utts):
     for name in CHECK:
         rows = []
         for b, x in enumerate(store[name]):
-            batch = utts[4 * b: 4 * b + 4]
+            batch = utts[4 * b : 4 * b + 4]
             for i in range(x.shape[0]):
                 if ".encoder." in name or "encoder_attn.k_proj" in name:
                     rows.append(x[i, : enc_valid[4 * b + i]])
@@ -64,22 +73,31 @@ def test_hessian_equals_direct_2_over_n_xtx(tiny, calib_utts):
         direct = 2.0 / X.shape[0] * X.T @ X
         got = hs[name]
         assert got.n_samples == X.shape[0], name
-        assert torch.allclose(got.hessian(), direct, rtol=1e-4, atol=1e-6 * direct.abs().max()), name
+        assert torch.allclose(got.hessian(), direct, rtol=1e-4, atol=1e-6 * direct.abs().max()), (
+            name
+        )
     assert counts["encoder_frames"] == sum(enc_valid)
 
 
 def counts_tokens(processor, model, utt):
     prompt = decoder_prompt_ids(model, processor)
-    return len(prompt) + len(processor.tokenizer(" " + utt.text.strip(),
-                                                 add_special_tokens=False).input_ids)
+    return len(prompt) + len(
+        processor.tokenizer(" " + utt.text.strip(), add_special_tokens=False).input_ids
+    )
 
 
 def test_shared_inputs_are_accumulated_once(tiny, calib_utts):
     model, processor = tiny
     col, _, _ = run(model, processor, calib_utts[:2])
     shared = col.shared_with
-    assert shared["model.encoder.layers.0.self_attn.k_proj"] == "model.encoder.layers.0.self_attn.q_proj"
-    assert shared["model.encoder.layers.0.self_attn.v_proj"] == "model.encoder.layers.0.self_attn.q_proj"
+    assert (
+        shared["model.encoder.layers.0.self_attn.k_proj"]
+        == "model.encoder.layers.0.self_attn.q_proj"
+    )
+    assert (
+        shared["model.encoder.layers.0.self_attn.v_proj"]
+        == "model.encoder.layers.0.self_attn.q_proj"
+    )
     for i in range(4):
         for p in ("k_proj", "v_proj"):
             name = f"model.decoder.layers.{i}.encoder_attn.{p}"
@@ -97,7 +115,9 @@ def test_padding_exclusion_and_diagonal_mode(tiny, calib_utts):
     no_pad, _, _ = run(model, processor, utts, exclude_padding=True, diagonal=True)
     name = "model.encoder.layers.1.fc1"
     assert with_pad.hessians()[name].n_samples == 2 * 1500
-    assert no_pad.hessians()[name].n_samples == sum(encoder_valid_frames(len(u.audio)) for u in utts)
+    assert no_pad.hessians()[name].n_samples == sum(
+        encoder_valid_frames(len(u.audio)) for u in utts
+    )
     assert no_pad.hessians()[name].is_diagonal
     # decoder rows never include batch padding in either mode
     dec = "model.decoder.layers.2.fc2"
@@ -118,26 +138,38 @@ def test_second_order_reconstructs_real_activations_best(tiny):
     held_utts = utts[16:20]
     held, handles = capture_inputs(model, names)
     with HessianCollector({}, diagonal=True) as dummy:
-        run_calibration(model, processor, held_utts, dummy, decoder_prompt_ids(model, processor),
-                        batch_size=4, progress=False)
+        run_calibration(
+            model,
+            processor,
+            held_utts,
+            dummy,
+            decoder_prompt_ids(model, processor),
+            batch_size=4,
+            progress=False,
+        )
     for h in handles:
         h.remove()
     modules = dict(model.named_modules())
     for name in names:
         x = held[name][0]
         if ".encoder." in name:  # the same rows the Hessian counts: audio frames, no padding
-            X = torch.cat([x[i, : encoder_valid_frames(len(u.audio))] for i, u in
-                           enumerate(held_utts)])
+            X = torch.cat(
+                [x[i, : encoder_valid_frames(len(u.audio))] for i, u in enumerate(held_utts)]
+            )
         else:
-            X = torch.cat([x[i, : counts_tokens(processor, model, u)] for i, u in
-                           enumerate(held_utts)])
+            X = torch.cat(
+                [x[i, : counts_tokens(processor, model, u)] for i, u in enumerate(held_utts)]
+            )
         X = X.double()
         W = modules[name].weight.detach()
         H = col.hessians()[name].hessian()
         err = {}
         for method in ("magnitude", "diagonal", "sparsegpt", "obs"):
             res = prune_layer(W, H, method=method, sparsity=0.5, rel_damp=0.01)
-            err[method] = float(((W - res.weight).double() @ X.T).pow(2).sum()
-                                / (W.double() @ X.T).pow(2).sum())
+            err[method] = float(
+                ((W - res.weight).double() @ X.T).pow(2).sum() / (W.double() @ X.T).pow(2).sum()
+            )
         assert max(err["sparsegpt"], err["obs"]) < min(err["magnitude"], err["diagonal"]), (
-            name, err)
+            name,
+            err,
+        )

@@ -102,8 +102,9 @@ def test_diagonal_equals_bruteforce_ranking():
 def test_diagonal_accepts_diagonal_vector_and_layer_scope():
     W, H, _ = problem(rows=5, cols=16, seed=2)
     full = prune_layer(W, H, method="diagonal", sparsity=0.25, rel_damp=0.0, scope="layer")
-    vec = prune_layer(W, torch.diagonal(H).clone(), method="diagonal", sparsity=0.25,
-                      rel_damp=0.0, scope="layer")
+    vec = prune_layer(
+        W, torch.diagonal(H).clone(), method="diagonal", sparsity=0.25, rel_damp=0.0, scope="layer"
+    )
     assert torch.equal(full.pruned_mask, vec.pruned_mask)
     scores = (W.double() ** 2 * torch.diagonal(H)).flatten()
     expect = set(torch.argsort(scores)[:20].tolist())
@@ -151,8 +152,9 @@ def test_bad_patterns_and_sparsities():
     with pytest.raises(PruningError, match="does not match"):
         prune_layer(W, H[:4, :4], method="obs", sparsity=0.5)
     with pytest.raises(PruningError, match="divisible"):
-        prune_layer(torch.randn(4, 10), torch.eye(10), method="magnitude", sparsity=0,
-                    pattern="2:4")
+        prune_layer(
+            torch.randn(4, 10), torch.eye(10), method="magnitude", sparsity=0, pattern="2:4"
+        )
 
 
 def test_second_order_beats_first_order_on_correlated_inputs():
@@ -191,8 +193,9 @@ def test_no_nan_on_degenerate_hessians(method, caplog):
                 res = prune_layer(W, H, method=method, sparsity=0.5, rel_damp=rel_damp)
             assert torch.isfinite(res.weight).all(), (name, rel_damp)
             assert int(res.pruned_mask.sum()) == rows * cols // 2
-    zero_w = prune_layer(torch.zeros(rows, cols), cases["rank_deficient"], method=method,
-                         sparsity=0.5)
+    zero_w = prune_layer(
+        torch.zeros(rows, cols), cases["rank_deficient"], method=method, sparsity=0.5
+    )
     assert torch.isfinite(zero_w.weight).all() and float(zero_w.weight.abs().sum()) == 0
 
 
@@ -231,11 +234,14 @@ def test_allocation_keeps_weighted_mean():
 
 
 def test_select_targets():
-    names = [f"model.encoder.layers.{i}.{p}" for i, p in itertools.product(range(2),
-             ["fc1", "fc2"])] + ["proj_out"]
+    names = [
+        f"model.encoder.layers.{i}.{p}" for i, p in itertools.product(range(2), ["fc1", "fc2"])
+    ] + ["proj_out"]
     assert select_targets(names) == names[:-1]
-    assert select_targets(names, [r".*fc1"]) == ["model.encoder.layers.0.fc1",
-                                                  "model.encoder.layers.1.fc1"]
+    assert select_targets(names, [r".*fc1"]) == [
+        "model.encoder.layers.0.fc1",
+        "model.encoder.layers.1.fc1",
+    ]
     assert select_targets(names, ["proj_out"], None) == ["proj_out"]
     with pytest.raises(PruningError, match="matches no Linear"):
         select_targets(names, ["model.encoder.layers.9.fc1"])

@@ -26,7 +26,9 @@ SMALL = {
 
 def sh(cmd: list[str], cwd: Path, env: dict, timeout: int = 900) -> str:
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, (
+        f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    )
     return proc.stdout
 
 
@@ -47,9 +49,16 @@ def repo_copy(tmp_path_factory):
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     (root / "params.yaml").write_text(yaml.safe_dump(deep_update(params, SMALL)))
     (root / ".gitignore").write_text("mlflow.db\n")
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
-           "MLFLOW_DISABLE_TELEMETRY": "true", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
     env.pop("MLFLOW_TRACKING_URI", None)
     sh(["git", "init", "-q"], root, env)
     sh(["dvc", "init", "-q"], root, env)
@@ -77,10 +86,14 @@ def test_dvc_repro_writes_metrics(repro):
 
     sweep = json.loads((root / "metrics/sweep.json").read_text())
     assert sweep["dense"]["wer"] < 0.3  # dense tiny.en on the embedded set is ~0.08
-    assert sweep["dense"]["sparsity"] == 0.0
+    assert sweep["dense"]["sparsity"] < 1e-5  # a handful of exact zeros in the checkpoint
     pts = {(p["method"], p["pattern"]): p for p in sweep["points"]}
-    assert set(pts) == {("magnitude", "unstructured"), ("sparsegpt", "unstructured"),
-                        ("magnitude", "2:4"), ("sparsegpt", "2:4")}
+    assert set(pts) == {
+        ("magnitude", "unstructured"),
+        ("sparsegpt", "unstructured"),
+        ("magnitude", "2:4"),
+        ("sparsegpt", "2:4"),
+    }
     for p in sweep["points"]:
         assert p["sparsity"] == pytest.approx(0.5, abs=1e-4)
         for k in ("wer", "cer", "target_sparsity"):
@@ -115,7 +128,9 @@ def test_mlflow_runs_nested(repro):
     assert len(children) == 5  # dense + 4 points
     steps = db.execute(
         "SELECT DISTINCT step FROM metrics WHERE key='wer' AND run_uuid IN "
-        f"({','.join('?' * len(children))})", [c[0] for c in children]).fetchall()
+        f"({','.join('?' * len(children))})",
+        [c[0] for c in children],
+    ).fetchall()
     assert {s[0] for s in steps} == {0, 50}
     artifacts = db.execute("SELECT artifact_uri FROM runs WHERE run_uuid=?", (parent,)).fetchone()
     art_dir = Path(artifacts[0].replace("file://", ""))
@@ -156,7 +171,8 @@ def test_two_queued_experiments_run_concurrently(repro):
     db = sqlite3.connect(root / "mlflow.db")
     rows = db.execute(
         "SELECT r.status, p.value FROM runs r JOIN params p ON p.run_uuid = r.run_uuid "
-        "WHERE r.name = 'evaluate' AND p.key = 'prune.sparsity'").fetchall()
+        "WHERE r.name = 'evaluate' AND p.key = 'prune.sparsity'"
+    ).fetchall()
     finished = {v for st, v in rows if st == "FINISHED"}
     assert {"0.3", "0.6"} <= finished
     # the queued runs logged to the repository's store, not to their temporary copies

@@ -37,8 +37,9 @@ def test_seed_readme_flow(fresh_tiny):
 
     attention_layers = [n for n in pruner.obs_data if "attn" in n and "proj" in n]
     assert len(attention_layers) == 48
-    pruner.prune_model(sparsity=0.4, target_layers=attention_layers, method="sparsegpt",
-                       progress=False)
+    pruner.prune_model(
+        sparsity=0.4, target_layers=attention_layers, method="sparsegpt", progress=False
+    )
     info = pruner.get_layer_info()
     assert all(info[n]["sparsity"] == pytest.approx(0.4, abs=1e-3) for n in attention_layers)
     assert torch.equal(pruner.layers["proj_out"].weight, before["proj_out"])  # tied: untouched
@@ -65,8 +66,9 @@ def test_prune_model_errors(fresh_tiny):
 
 def test_prune_whisper_model_convenience(fresh_tiny, eval_utts):
     model, processor = fresh_tiny
-    pruned_model = prune_whisper_model(model=model, sparsity=0.3, max_samples=8,
-                                       method="sparsegpt", rel_damp=0.01, progress=False)
+    pruned_model = prune_whisper_model(
+        model=model, sparsity=0.3, max_samples=8, method="sparsegpt", rel_damp=0.01, progress=False
+    )
     assert pruned_model is model
     for name, m in model.named_modules():
         if isinstance(m, torch.nn.Linear) and name != "proj_out":

@@ -81,6 +81,15 @@ def test_bad_params_name_the_key(tmp_path, over, message):
         load_params(write_params(tmp_path, over))
 
 
+def test_params_read_as_yaml_1_2_like_dvc_writes_them(tmp_path):
+    """`dvc exp run -S` rewrites params.yaml unquoted: 2:4 must stay a pattern, 1e-4 a float."""
+    path = tmp_path / "params.yaml"
+    path.write_text("prune:\n  pattern: 2:4\n  rel_damp: 1e-4\nsweep:\n  patterns: [2:4, 4:8]\n")
+    p = load_params(path)
+    assert p["prune"]["pattern"] == "2:4" and p["prune"]["rel_damp"] == 1e-4
+    assert p["sweep"]["patterns"] == ["2:4", "4:8"]
+
+
 def test_params_file_problems(tmp_path):
     with pytest.raises(ParamsError, match="not found"):
         load_params(tmp_path / "missing.yaml")
@@ -92,9 +101,21 @@ def test_params_file_problems(tmp_path):
 
 def run_stage(stage: str, params: Path, *extra: str, cwd: Path | None = None):
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{params.parent / 'mlflow.db'}"}
-    return subprocess.run([sys.executable, str(REPO / "stages" / f"{stage}.py"), "--params",
-                           str(params), "--no-progress", *extra], capture_output=True, text=True,
-                          cwd=cwd or params.parent, env=env, timeout=600)
+    return subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "stages" / f"{stage}.py"),
+            "--params",
+            str(params),
+            "--no-progress",
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=cwd or params.parent,
+        env=env,
+        timeout=600,
+    )
 
 
 def test_stage_reports_bad_params_without_traceback(tmp_path):
@@ -105,18 +126,27 @@ def test_stage_reports_bad_params_without_traceback(tmp_path):
 
 
 def test_stage_reports_missing_data_and_unknown_layers(tmp_path):
-    proc = run_stage("calibrate", write_params(tmp_path, {"data.calibration.source":
-                                                          str(tmp_path / "no_such_folder")}))
+    proc = run_stage(
+        "calibrate",
+        write_params(tmp_path, {"data.calibration.source": str(tmp_path / "no_such_folder")}),
+    )
     assert proc.returncode == 2 and "no_such_folder" in proc.stderr
     assert not (tmp_path / "artifacts").exists()  # nothing half-written
-    proc = run_stage("prune", write_params(tmp_path, {"prune.targets.include": ["encoder.fc9"],
-                                                      "prune.method": "magnitude"}),
-                     "--out", str(tmp_path / "pruned"))
+    proc = run_stage(
+        "prune",
+        write_params(
+            tmp_path, {"prune.targets.include": ["encoder.fc9"], "prune.method": "magnitude"}
+        ),
+        "--out",
+        str(tmp_path / "pruned"),
+    )
     assert proc.returncode == 2 and "'encoder.fc9' matches no Linear layer" in proc.stderr
 
 
 def test_unknown_model_offline_says_hub_unreachable(tmp_path):
-    proc = run_stage("calibrate", write_params(tmp_path, {"model.id": "openai/whisper-nonexistent"}))
+    proc = run_stage(
+        "calibrate", write_params(tmp_path, {"model.id": "openai/whisper-nonexistent"})
+    )
     assert proc.returncode == 2
     assert "bundled:tiny.en" in proc.stderr  # tells the user how to use the bundled model
 
@@ -148,8 +178,9 @@ def targets_of(model):
 
 def test_hessian_set_roundtrip_and_sharing(hessian_set, tiny):
     model, _ = tiny
-    manifest = check_hessian_set(hessian_set, model, targets_of(model),
-                                 model_fingerprint(model, list(linear_layers(model))))
+    manifest = check_hessian_set(
+        hessian_set, model, targets_of(model), model_fingerprint(model, list(linear_layers(model)))
+    )
     assert len(manifest["layers"]) == 65
     files = {e["file"] for e in manifest["layers"].values()}
     assert len(files) == len(list(hessian_set.glob("*.safetensors"))) == 42
@@ -195,7 +226,9 @@ def test_hessians_of_another_model_are_refused(hessian_set, tiny):
         other.model.encoder.layers[0].fc1.weight.mul_(1.01)  # another checkpoint
     names = targets_of(other)
     with pytest.raises(ArtifactError, match="another model"):
-        check_hessian_set(hessian_set, other, names, model_fingerprint(other, list(linear_layers(other))))
+        check_hessian_set(
+            hessian_set, other, names, model_fingerprint(other, list(linear_layers(other)))
+        )
     # other layer shapes (e.g. a wider model), with the fingerprint check skipped
     wide = torch.nn.Module()
     wide.add_module("proj", torch.nn.Linear(512, 10))
@@ -281,8 +314,9 @@ def test_fp16_model_prunes_without_nan(tiny):
         X = torch.randn(50, d, generator=g, dtype=torch.float64)
         X[:, :10] = 0  # dead inputs, and fewer samples than columns
         Hs[n] = 2 / 50 * X.T @ X
-    report = prune_layers(model, names, Hs.__getitem__, method="sparsegpt", sparsity=0.6,
-                          rel_damp=0.0, progress=False)
+    report = prune_layers(
+        model, names, Hs.__getitem__, method="sparsegpt", sparsity=0.6, rel_damp=0.0, progress=False
+    )
     for n in names:
         w = dict(model.named_modules())[n].weight
         assert w.dtype == torch.float16 and torch.isfinite(w).all()
@@ -298,15 +332,22 @@ def test_calibration_and_pruning_are_bit_identical_twice(hessian_set, tmp_path, 
     calibrate(params, tmp_path / "again", progress=False)
     a, b = read_manifest(hessian_set), read_manifest(tmp_path / "again")
     assert {k: v["sha256"] for k, v in a["layers"].items()} == {
-        k: v["sha256"] for k, v in b["layers"].items()}
+        k: v["sha256"] for k, v in b["layers"].items()
+    }
     from whisper_obs_pruning.pruning import prune_layers
 
     results = []
     for _ in range(2):
         model = copy.deepcopy(tiny[0])
         names = ["model.encoder.layers.1.fc2", "model.decoder.layers.0.encoder_attn.k_proj"]
-        prune_layers(model, names, lambda n: load_hessian(hessian_set, a, n), method="obs",
-                     sparsity=0.5, progress=False)
+        prune_layers(
+            model,
+            names,
+            lambda n: load_hessian(hessian_set, a, n),
+            method="obs",
+            sparsity=0.5,
+            progress=False,
+        )
         results.append([dict(model.named_modules())[n].weight.clone() for n in names])
     assert all(torch.equal(x, y) for x, y in zip(*results, strict=True))
 
@@ -332,18 +373,40 @@ def test_interrupted_sweep_resumes_without_duplicate_runs(hessian_set, tmp_path)
     """Kill the sweep stage after two finished points; the rerun reuses them and its run."""
     import sqlite3
 
-    params = write_params(tmp_path, {
-        "model.device": "cpu", "data.evaluation.max_samples": 3,
-        "sweep.methods": ["magnitude"], "sweep.sparsities": [0.2, 0.4, 0.6, 0.8],
-        "sweep.patterns": [],
-    })
+    params = write_params(
+        tmp_path,
+        {
+            "model.device": "cpu",
+            "data.evaluation.max_samples": 3,
+            "sweep.methods": ["magnitude"],
+            "sweep.sparsities": [0.2, 0.4, 0.6, 0.8],
+            "sweep.patterns": [],
+        },
+    )
     state = tmp_path / "state" / "state.json"
-    args = ["--hessians", str(hessian_set), "--out", str(tmp_path / "metrics"),
-            "--state", str(tmp_path / "state")]
+    args = [
+        "--hessians",
+        str(hessian_set),
+        "--out",
+        str(tmp_path / "metrics"),
+        "--state",
+        str(tmp_path / "state"),
+    ]
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    proc = subprocess.Popen([sys.executable, str(REPO / "stages/sweep.py"), "--params",
-                             str(params), "--no-progress", *args], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO / "stages/sweep.py"),
+            "--params",
+            str(params),
+            "--no-progress",
+            *args,
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 400
     while time.time() < deadline:
         if state.exists() and len(json.loads(state.read_text())["points"]) >= 2:

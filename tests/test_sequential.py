@@ -29,12 +29,20 @@ def test_sequential_matches_oneshot_first_layer_only(tiny, calib_utts):
     with HessianCollector(linear_layers(oneshot)) as col:
         run_calibration(oneshot, processor, utts, col, prompt, batch_size=2, progress=False)
     hs = {n: s.hessian() for n, s in col.hessians(TARGETS).items()}
-    prune_layers(oneshot, TARGETS, hs.__getitem__, method="sparsegpt", sparsity=0.5,
-                 progress=False)
+    prune_layers(oneshot, TARGETS, hs.__getitem__, method="sparsegpt", sparsity=0.5, progress=False)
 
     seq = copy.deepcopy(base)
-    report = prune_sequential(seq, processor, utts, TARGETS, prompt, method="sparsegpt",
-                              sparsity=0.5, batch_size=2, progress=False)
+    report = prune_sequential(
+        seq,
+        processor,
+        utts,
+        TARGETS,
+        prompt,
+        method="sparsegpt",
+        sparsity=0.5,
+        batch_size=2,
+        progress=False,
+    )
     assert set(report) == set(TARGETS)
     w1 = dict(oneshot.named_modules())
     w2 = dict(seq.named_modules())

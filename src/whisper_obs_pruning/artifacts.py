@@ -32,6 +32,12 @@ class ArtifactError(ValueError):
 
 
 # ------------------------------------------------------------------ atomic primitives
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -57,6 +63,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; artifacts are shared
         os.replace(tmp_path, target)
         _fsync_dir(target.parent)
     finally:
@@ -70,7 +77,9 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 
 def write_json_atomic(path: str | Path, obj: object) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    write_text_atomic(
+        path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n"
+    )
 
 
 def _json_default(o: object) -> object:
@@ -84,8 +93,11 @@ def _json_default(o: object) -> object:
 def save_tensors_atomic(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict) -> str:
     """Save safetensors atomically; return the file's sha256."""
     with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
-                  metadata={k: str(v) for k, v in meta.items()})
+        save_file(
+            {k: v.contiguous() for k, v in tensors.items()},
+            str(tmp),
+            metadata={k: str(v) for k, v in meta.items()},
+        )
         digest = sha256_file(tmp)
     return digest
 
@@ -111,6 +123,7 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
         _fsync_dir(tmp)
         old = None
         if target.exists():
@@ -256,8 +269,9 @@ def load_hessian(path: str | Path, manifest: dict, name: str) -> torch.Tensor:
     if H.dtype != torch.float64:
         raise ArtifactError(f"Hessian of layer {name!r} has dtype {H.dtype}, expected float64")
     if list(H.shape) != list(entry["shape"]):
-        raise ArtifactError(f"Hessian of layer {name!r} has shape {list(H.shape)}, manifest says "
-                            f"{entry['shape']}")
+        raise ArtifactError(
+            f"Hessian of layer {name!r} has shape {list(H.shape)}, manifest says {entry['shape']}"
+        )
     if not torch.isfinite(H).all():
         raise ArtifactError(f"Hessian of layer {name!r} contains NaN or Inf: {fpath}")
     return H

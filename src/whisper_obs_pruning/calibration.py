@@ -49,7 +49,9 @@ def teacher_forced_batches(
             sampling_rate=16000,
             return_tensors="pt",
         ).input_features
-        ids = [prompt + tok(" " + u.text.strip(), add_special_tokens=False).input_ids for u in batch]
+        ids = [
+            prompt + tok(" " + u.text.strip(), add_special_tokens=False).input_ids for u in batch
+        ]
         ids = [seq[:448] for seq in ids]
         T = max(len(s) for s in ids)
         dec = torch.full((len(batch), T), pad, dtype=torch.long)

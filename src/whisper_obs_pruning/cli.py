@@ -12,8 +12,11 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def stage_main(name: str, body: Callable[[dict, argparse.Namespace], None],
-               add_args: Callable[[argparse.ArgumentParser], None] | None = None) -> None:
+def stage_main(
+    name: str,
+    body: Callable[[dict, argparse.Namespace], None],
+    add_args: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> None:
     """Parse ``--params FILE`` (default params.yaml), validate, run ``body``; exit 2 on bad input.
 
     Known input errors (bad params, data, artifacts, models) print one clear line instead of a
@@ -27,7 +30,9 @@ def stage_main(name: str, body: Callable[[dict, argparse.Namespace], None],
     from .tracking import TrackingError
 
     parser = argparse.ArgumentParser(prog=f"stages/{name}.py", description=body.__doc__)
-    parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    parser.add_argument(
+        "--params", default="params.yaml", help="params file (default: %(default)s)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     if add_args:
         add_args(parser)
@@ -38,7 +43,13 @@ def stage_main(name: str, body: Callable[[dict, argparse.Namespace], None],
     try:
         params = load_params(args.params)
         body(params, args)
-    except (ParamsError, DataError, ArtifactError, PruningError, ModelLoadError,
-            TrackingError) as exc:
+    except (
+        ParamsError,
+        DataError,
+        ArtifactError,
+        PruningError,
+        ModelLoadError,
+        TrackingError,
+    ) as exc:
         print(f"[{name}] error: {exc}", file=sys.stderr)
         sys.exit(2)

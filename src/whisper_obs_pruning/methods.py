@@ -90,7 +90,9 @@ def per_row_counts(rows: int, cols: int, sparsity: float) -> torch.Tensor:
 
 def _check_nm(cols: int, pattern: Pattern) -> None:
     if pattern is not None and cols % pattern[1] != 0:
-        raise PruningError(f"pattern {pattern_name(pattern)} needs inputs divisible by M; got {cols}")
+        raise PruningError(
+            f"pattern {pattern_name(pattern)} needs inputs divisible by M; got {cols}"
+        )
 
 
 @contextlib.contextmanager
@@ -139,7 +141,9 @@ def mask_from_scores(
     counts = counts.to(scores.device)
     order = torch.argsort(scores, dim=1)  # ascending: least important first
     ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(cols, device=scores.device).expand(rows, cols).contiguous())
+    ranks.scatter_(
+        1, order, torch.arange(cols, device=scores.device).expand(rows, cols).contiguous()
+    )
     return ranks < counts[:, None]
 
 
@@ -197,8 +201,13 @@ def inverse_hessian(
 
 # ---------------------------------------------------------------- the methods
 def prune_magnitude(
-    W: torch.Tensor, H: torch.Tensor | None, sparsity: float, pattern: Pattern = None, *,
-    scope: str = "row", **_: object,
+    W: torch.Tensor,
+    H: torch.Tensor | None,
+    sparsity: float,
+    pattern: Pattern = None,
+    *,
+    scope: str = "row",
+    **_: object,
 ) -> PruneResult:
     """Baseline: remove the smallest |w|. H is ignored."""
     mask = mask_from_scores(W.abs().float(), sparsity, pattern, scope)
@@ -206,8 +215,14 @@ def prune_magnitude(
 
 
 def prune_diagonal(
-    W: torch.Tensor, H: torch.Tensor, sparsity: float, pattern: Pattern = None, *,
-    rel_damp: float = 1e-4, scope: str = "row", **_: object,
+    W: torch.Tensor,
+    H: torch.Tensor,
+    sparsity: float,
+    pattern: Pattern = None,
+    *,
+    rel_damp: float = 1e-4,
+    scope: str = "row",
+    **_: object,
 ) -> PruneResult:
     """The seed's diagonal OBS (= OBD; ranks like Wanda): score w^2 * H_jj, no compensation.
 
@@ -223,8 +238,14 @@ def prune_diagonal(
 
 
 def prune_sparsegpt(
-    W: torch.Tensor, H: torch.Tensor, sparsity: float, pattern: Pattern = None, *,
-    rel_damp: float = 0.01, blocksize: int = 128, **_: object,
+    W: torch.Tensor,
+    H: torch.Tensor,
+    sparsity: float,
+    pattern: Pattern = None,
+    *,
+    rel_damp: float = 0.01,
+    blocksize: int = 128,
+    **_: object,
 ) -> PruneResult:
     """SparseGPT: OBS in a fixed column order via the Cholesky factor of H^-1.
 
@@ -246,8 +267,13 @@ def prune_sparsegpt(
 
 
 def _sparsegpt_blocks(
-    Wf: torch.Tensor, U: torch.Tensor, mask: torch.Tensor, sparsity: float, pattern: Pattern,
-    blocksize: int, total: int,
+    Wf: torch.Tensor,
+    U: torch.Tensor,
+    mask: torch.Tensor,
+    sparsity: float,
+    pattern: Pattern,
+    blocksize: int,
+    total: int,
 ) -> None:
     """The SparseGPT loop, in place on ``Wf`` and ``mask`` (see ``prune_sparsegpt``)."""
     rows, cols = Wf.shape
@@ -320,6 +346,6 @@ def prune_layer(
         return PruneResult(W.clone(), torch.zeros_like(W, dtype=torch.bool), {})
     with single_thread() if W.device.type == "cpu" else contextlib.nullcontext():
         result = PRUNERS[method](W, H, sparsity, pat, **kwargs)
-    if not torch.isfinite(result.weight).all():
-        raise PruningError(f"method {method!r} produced non-finite weights")
+        if not torch.isfinite(result.weight).all():
+            raise PruningError(f"method {method!r} produced non-finite weights")
     return result

@@ -15,7 +15,7 @@ Why this implementation is fast, while giving the result of the loop above:
   explicit rows of H^-1 (= columns, by symmetry) only for a *working set*: its "remaining prunes
   + margin" best candidates. The set loses its pivot at every step, so keeping it current costs
   about (k - t) * d per step instead of the d^2 of the full matrix (the OBC way) or the GEMV over
-  all t past downdates of a low-rank form. When the pivot is not in the set (about 1% of the
+  all t past downdates of a low-rank form. When the pivot is not in the set (under 1% of the
   steps on Whisper layers) the set is refreshed to the current best candidates: the missing rows
   are rebuilt from the downdate history F (H^-1_t = H^-1_0 - F^T F, one row u per step) by one
   matrix product.
@@ -23,29 +23,18 @@ Why this implementation is fast, while giving the result of the loop above:
   at most ``block`` newer downdates by a short product, and the whole set gets them every
   ``block`` steps by one batched GEMM (compute-bound, unlike rank-1 updates).
 - Rows run in lockstep batches, so a step is a few dozen tensor ops on the whole batch, with
-  preallocated buffers and in-place ops (fresh large allocations page-fault), on one thread per
-  worker; up to ``workers`` batches run concurrently in Python threads (torch releases the GIL).
+  preallocated buffers and in-place ops (fresh large allocations page-fault), on one thread.
 
-Precision: float32 by default. Late in a row the scores of two candidates can differ by less than
-the accumulated float32 rounding (relative ~1e-5), and then the pick can differ from a float64
-run; ``dtype=torch.float64`` follows float64 exactly at about twice the cost.
+Precision: float32 by default. Late in a row two candidates' scores can differ by less than the
+accumulated float32 rounding (relative ~1e-5); the pick, and the rest of that row, may then differ
+from float64 (on Whisper tiny at 50%: 10 of 33792 rows). ``dtype=torch.float64`` costs 2x.
 """
 
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
-
-from .methods import (
-    Pattern,
-    PruneResult,
-    _check_nm,
-    inverse_hessian,
-    per_row_counts,
-    single_thread,
-)
 
 
 def prune_obs(
@@ -58,7 +47,6 @@ def prune_obs(
     row_batch: int | None = None,
     block: int = 32,
     margin: int = 32,
-    workers: int | None = None,
     workspace_mb: int = 256,
     dtype: torch.dtype = torch.float32,
     **_: object,
@@ -67,8 +55,8 @@ def prune_obs(
 
     Tuning knobs, none of which changes the result beyond float rounding: ``block`` (downdates
     applied to the working set at once), ``margin`` (working-set size beyond a row's remaining
-    prunes), ``row_batch`` (rows in lockstep; default: what fits in ``workspace_mb`` per worker),
-    ``workers`` (concurrent batches; default ``min(4, torch.get_num_threads())``), ``dtype``.
+    prunes), ``row_batch`` (rows in lockstep; default: what fits in ``workspace_mb``, at most
+    about 64K weights), ``dtype`` (float64 follows a float64 reference exactly, at twice the cost).
     """
     rows, cols = W.shape
     _check_nm(cols, pattern)
@@ -85,37 +73,22 @@ def prune_obs(
     if steps == 0:
         return PruneResult(Wout.to(W.dtype), mask, info)
     setsize = min(cols, steps + max(1, margin))
-    workers = max(1, min(4, torch.get_num_threads()) if workers is None else workers)
-    if row_batch is None:
+    if row_batch is None:  # bounded by the buffers' memory, and by ~64K weights (cache-sized steps)
         per_row = (setsize + steps) * cols * Hinv0.element_size()
-        row_batch = min(-(-rows // workers), (workspace_mb << 20) // per_row)
+        row_batch = min((workspace_mb << 20) // per_row, max(16, (64 << 10) // cols))
     row_batch = max(1, min(row_batch, rows))
-    todo = list(range(0, rows, row_batch))[::-1]
+    row_batch = -(-rows // -(-rows // row_batch))  # same work, batches of even size
+    buffers = (
+        torch.empty(row_batch, setsize, cols, dtype=dtype),  # working-set rows of H^-1
+        torch.empty(row_batch, steps, cols, dtype=dtype),  # F: the downdate u of every step
+    )
     floor = float(torch.diagonal(Hinv0).max()) * 1e-12  # clamp for pivots: never divide by ~0
-
-    def work() -> None:
-        buffers = (
-            torch.empty(row_batch, setsize, cols, dtype=dtype),  # working-set rows of H^-1
-            torch.empty(row_batch, steps, cols, dtype=dtype),  # F: downdate u of every step
-        )
-        while todo:
-            try:
-                r1 = todo.pop()
-            except IndexError:  # another worker took the last batch
-                return
+    with single_thread():
+        for r1 in range(0, rows, row_batch):
             r2 = min(r1 + row_batch, rows)
             _obs_rows(
                 Wout[r1:r2], mask[r1:r2], Hinv0, counts[r1:r2], pattern, buffers, block, floor
             )
-
-    with single_thread():
-        n = min(workers, len(todo))
-        if n == 1:
-            work()
-        else:
-            with ThreadPoolExecutor(n) as pool:
-                for job in [pool.submit(work) for _ in range(n)]:
-                    job.result()
     Wout[mask] = 0
     return PruneResult(Wout.to(W.dtype), mask, info)
 
@@ -278,3 +251,15 @@ def _compact(
     real = real.flatten()
     where[torch.arange(B).repeat_interleave(k)[real], moved[real]] = dst[real] % cap
     return c_new
+
+
+# Imported last: methods.py imports prune_obs from here at its end, so this module defines it
+# before it needs methods; either module may then be imported first.
+from .methods import (  # noqa: E402
+    Pattern,
+    PruneResult,
+    _check_nm,
+    inverse_hessian,
+    per_row_counts,
+    single_thread,
+)

@@ -11,7 +11,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-import yaml
+from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
 
 from .methods import METHODS, PruningError, parse_pattern
 from .pruning import ALLOCATIONS
@@ -65,14 +66,23 @@ def _merge(base: dict, over: dict, prefix: str = "") -> dict:
     return out
 
 
+def _yaml12() -> YAML:
+    """A YAML 1.2 reader, as DVC writes params.yaml (``dvc exp run -S``).
+
+    PyYAML reads YAML 1.1, where an unquoted ``2:4`` is the sexagesimal integer 124 and
+    ``1e-4`` is a string; DVC rewrites params.yaml unquoted, so those must read as 1.2.
+    """
+    return YAML(typ="safe", pure=True)
+
+
 def load_params(path: str | Path = "params.yaml") -> dict:
     """Read params.yaml, fill defaults, validate; raise ParamsError naming the bad key."""
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"params file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
+        raw = _yaml12().load(path.read_text(encoding="utf-8")) or {}
+    except YAMLError as exc:
         raise ParamsError(f"{path} is not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise ParamsError(f"{path} must hold a mapping at the top level")
@@ -87,8 +97,11 @@ def _choice(key: str, value: object, allowed: tuple | list) -> None:
 
 
 def _sparsity(key: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or not (
-        0 <= value < 1
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or math.isnan(value)
+        or not (0 <= value < 1)
     ):
         raise ParamsError(f"{key} = {value!r} must be a number in [0, 1)")
 
@@ -104,8 +117,10 @@ def _positive_int(key: str, value: object, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ParamsError(f"{key} = {value!r} must be a positive integer" +
-                          (" or null (all)" if allow_none else ""))
+        raise ParamsError(
+            f"{key} = {value!r} must be a positive integer"
+            + (" or null (all)" if allow_none else "")
+        )
 
 
 def validate(p: dict) -> None:
@@ -127,8 +142,10 @@ def validate(p: dict) -> None:
     _choice("prune.method", pr["method"], METHODS)
     _sparsity("prune.sparsity", pr["sparsity"])
     _pattern("prune.pattern", pr["pattern"])
-    if not isinstance(pr["rel_damp"], (int, float)) or isinstance(pr["rel_damp"], bool) or (
-        pr["rel_damp"] < 0 or math.isnan(pr["rel_damp"])
+    if (
+        not isinstance(pr["rel_damp"], (int, float))
+        or isinstance(pr["rel_damp"], bool)
+        or (pr["rel_damp"] < 0 or math.isnan(pr["rel_damp"]))
     ):
         raise ParamsError(f"prune.rel_damp = {pr['rel_damp']!r} must be a number >= 0")
     _positive_int("prune.blocksize", pr["blocksize"])
@@ -167,7 +184,9 @@ def validate(p: dict) -> None:
     for pat in sw["patterns"] or []:
         _pattern("sweep.patterns[]", pat)
         if parse_pattern(pat) is None:
-            raise ParamsError("sweep.patterns lists N:M patterns; unstructured uses sweep.sparsities")
+            raise ParamsError(
+                "sweep.patterns lists N:M patterns; unstructured uses sweep.sparsities"
+            )
     if not isinstance(p["mlflow"]["experiment"], str) or not p["mlflow"]["experiment"]:
         raise ParamsError("mlflow.experiment must be a non-empty string")
 

@@ -67,7 +67,8 @@ def calibrate(p: dict, out_dir: str | Path, *, progress: bool = True) -> dict:
     layers = linear_layers(model)
     diagonal = p["calibrate"]["hessian"] == "diagonal"
     t0 = time.perf_counter()
-    with HessianCollector(layers, diagonal=diagonal) as collector:
+    device = next(model.parameters()).device  # accumulate where the activations are
+    with HessianCollector(layers, diagonal=diagonal, device=device) as collector:
         counts = run_calibration(
             model,
             processor,
@@ -199,8 +200,9 @@ def prune(p: dict, hessian_dir: str | Path, out_dir: str | Path, *, progress: bo
         # The same weights, compressed (values + bitmask, or 2:4 packed): smaller on disk.
         save_sparse(model, tmp / "sparse", targets=targets, processor=processor)
         sizes = sparse_size_report(tmp / "model", tmp / "sparse")
-        summary.update({k: sizes[k] for k in ("dense_weights_bytes", "sparse_weights_bytes",
-                                               "weights_ratio")})
+        summary.update(
+            {k: sizes[k] for k in ("dense_weights_bytes", "sparse_weights_bytes", "weights_ratio")}
+        )
         masks = {n: _packbits(modules[n].weight.data == 0) for n in targets}
         save_tensors_atomic(tmp / "masks.safetensors", masks, {"format": "packbits, row-major"})
         write_json_atomic(tmp / "report.json", {"summary": summary, "layers": report})
@@ -221,8 +223,12 @@ def evaluate(p: dict, model_dir: str | Path, *, progress: bool = True) -> tuple[
     data = load_split(p, "evaluation")
     targets = targets_for(model, p)
     metrics, rows = evaluate_model(
-        model, processor, data.utterances, batch_size=p["evaluate"]["batch_size"],
-        language=p["model"]["language"], progress=progress,
+        model,
+        processor,
+        data.utterances,
+        batch_size=p["evaluate"]["batch_size"],
+        language=p["model"]["language"],
+        progress=progress,
     )
     metrics.update(
         {
@@ -240,7 +246,10 @@ def evaluate(p: dict, model_dir: str | Path, *, progress: bool = True) -> tuple[
 def log_stage(p: dict, stage: str, metrics: dict, artifacts: list[Path] = ()) -> None:
     """One MLflow run per stage execution: all params, the numeric metrics, chosen files."""
     with tracking.run(
-        p["mlflow"]["experiment"], stage, params=flatten(p), tags={"stage": stage},
+        p["mlflow"]["experiment"],
+        stage,
+        params=flatten(p),
+        tags={"stage": stage},
         configured_uri=p["mlflow"]["tracking_uri"],
     ) as mlflow:
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if _numeric(v)})

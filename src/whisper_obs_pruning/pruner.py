@@ -57,7 +57,8 @@ class WhisperOBSPruner:
         self.layers = linear_layers(model)
         if not self.layers:
             raise ValueError("model has no nn.Linear layers to prune")
-        self.collector = HessianCollector(self.layers, diagonal=diagonal).attach()
+        device = next(model.parameters()).device
+        self.collector = HessianCollector(self.layers, diagonal=diagonal, device=device).attach()
         self.obs_data: dict[str, dict] = {
             name: {"H": None, "n_samples": 0, "shape": tuple(m.weight.shape), "shared_with": None}
             for name, m in self.layers.items()
@@ -126,14 +127,21 @@ class WhisperOBSPruner:
 
         self.collector.detach()  # the model's own transcription must not enter the Hessians
         try:
-            texts = transcribe(self.model, processor, [np.asarray(items[i]) for i in raw],
-                               batch_size=batch_size, language=self.language, progress=False)
+            texts = transcribe(
+                self.model,
+                processor,
+                [np.asarray(items[i]) for i in raw],
+                batch_size=batch_size,
+                language=self.language,
+                progress=False,
+            )
         finally:
             self.collector.attach()
         out = list(items)
         for i, text in zip(raw, texts, strict=True):
-            out[i] = Utterance(id=f"clip{i}", audio=np.asarray(items[i], np.float32), text=text,
-                               meta={})
+            out[i] = Utterance(
+                id=f"clip{i}", audio=np.asarray(items[i], np.float32), text=text, meta={}
+            )
         return out
 
     def _sync_obs_data(self) -> None:
@@ -164,8 +172,9 @@ class WhisperOBSPruner:
         sparsegpt or obs. ``pattern``: None/"unstructured" or "N:M".
         """
         self._sync_obs_data()
-        targets = select_targets(list(self.layers), target_layers, exclude if not target_layers
-                                 else None)
+        targets = select_targets(
+            list(self.layers), target_layers, exclude if not target_layers else None
+        )
         if method != "magnitude":
             missing = [n for n in targets if self.obs_data[n]["n_samples"] == 0]
             if missing:
@@ -230,14 +239,17 @@ def prune_whisper_model(
     progress: bool = True,
 ) -> nn.Module:
     """Calibrate on ``max_samples`` utterances, prune every Linear but proj_out, return model."""
-    pruner = WhisperOBSPruner(model, rel_damp=rel_damp, processor=processor,
-                              diagonal=method == "diagonal")
+    pruner = WhisperOBSPruner(
+        model, rel_damp=rel_damp, processor=processor, diagonal=method == "diagonal"
+    )
     try:
         if method != "magnitude":
-            pruner.accumulate_hessian(max_samples=max_samples, utterances=utterances,
-                                      progress=progress)
-        pruner.prune_model(sparsity, target_layers, method=method, pattern=pattern,
-                           progress=progress)
+            pruner.accumulate_hessian(
+                max_samples=max_samples, utterances=utterances, progress=progress
+            )
+        pruner.prune_model(
+            sparsity, target_layers, method=method, pattern=pattern, progress=progress
+        )
     finally:
         pruner.cleanup()
     return model

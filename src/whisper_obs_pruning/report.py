@@ -20,13 +20,17 @@ def main(metrics_dir: str = "metrics") -> int:
     eval_path = Path(metrics_dir) / "eval.json"
     if eval_path.is_file():
         ev = json.loads(eval_path.read_text())
-        print(f"\nprune+evaluate stages ({ev['method']}, {ev['pattern']}, "
-              f"target {100 * ev['target_sparsity']:.0f}%): WER {100 * ev['wer']:.2f}%, "
-              f"CER {100 * ev['cer']:.2f}%, measured sparsity {100 * ev['sparsity']:.2f}%")
+        print(
+            f"\nprune+evaluate stages ({ev['method']}, {ev['pattern']}, "
+            f"target {100 * ev['target_sparsity']:.0f}%): WER {100 * ev['wer']:.2f}%, "
+            f"CER {100 * ev['cer']:.2f}%, measured sparsity {100 * ev['sparsity']:.2f}%"
+        )
     print(f"\nplot:     {Path(metrics_dir) / 'sparsity_wer.png'}")
     print(f"table:    {Path(metrics_dir) / 'sweep.csv'} (and sweep.json)")
-    print("MLflow:   make ui  ->  http://127.0.0.1:5000 (experiment 'whisper-obs', sweep run "
-          f"{summary.get('mlflow_run_id', '?')[:8]} with one nested run per point)")
+    print(
+        "MLflow:   make ui  ->  http://127.0.0.1:5000 (experiment 'whisper-obs', sweep run "
+        f"{summary.get('mlflow_run_id', '?')[:8]} with one nested run per point)"
+    )
     print("DVC:      dvc metrics show; dvc exp run -S prune.sparsity=0.6; dvc exp show")
     return 0
 

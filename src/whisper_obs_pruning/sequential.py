@@ -87,14 +87,23 @@ def prune_sequential(
         """Collect the Hessians of ``names`` over ``passes``, then prune them."""
         if not names:
             return
-        with HessianCollector({n: modules[n] for n in names}) as col:
+        with HessianCollector({n: modules[n] for n in names}, device=device) as col:
             for masks, run in passes:
                 col.new_batch(masks)
                 run()
         hessians = {n: s.hessian() for n, s in col.hessians(names).items()}
-        report.update(prune_layers(model, names, hessians.__getitem__, method=method,
-                                   sparsity=sparsity, pattern=pattern, progress=False,
-                                   **prune_kwargs))
+        report.update(
+            prune_layers(
+                model,
+                names,
+                hessians.__getitem__,
+                method=method,
+                sparsity=sparsity,
+                pattern=pattern,
+                progress=False,
+                **prune_kwargs,
+            )
+        )
         done.update(names)
 
     steps = len(encoder.layers) + len(decoder_layers) + 1

@@ -62,7 +62,9 @@ def _config_key(p: dict, manifest: dict) -> str:
         "model": p["model"],
         "data": p["data"]["evaluation"],
         "evaluate": p["evaluate"],
-        "prune": {k: v for k, v in p["prune"].items() if k not in ("method", "sparsity", "pattern")},
+        "prune": {
+            k: v for k, v in p["prune"].items() if k not in ("method", "sparsity", "pattern")
+        },
         "hessians": sorted({v["sha256"] for v in manifest["layers"].values()}),
         "seed": p["seed"],
     }
@@ -104,14 +106,29 @@ def run_sweep(
 
     def evaluate_now(desc: str) -> dict:
         metrics, _ = evaluate_model(
-            model, processor, data.utterances, batch_size=p["evaluate"]["batch_size"],
-            language=p["model"]["language"], progress=progress, desc=desc,
+            model,
+            processor,
+            data.utterances,
+            batch_size=p["evaluate"]["batch_size"],
+            language=p["model"]["language"],
+            progress=progress,
+            desc=desc,
         )
         return metrics
 
     mlflow = tracking.setup(p["mlflow"]["experiment"], p["mlflow"]["tracking_uri"])
-    run_kwargs = {"run_id": state["parent_run_id"]} if state["parent_run_id"] else {
-        "run_name": "sweep", "tags": {"stage": "sweep"}}
+    if state["parent_run_id"] and not _run_exists(mlflow, state["parent_run_id"]):
+        log.warning(
+            "sweep checkpoint names MLflow run %s, which this store does not have; "
+            "logging its points to a new run",
+            state["parent_run_id"],
+        )
+        state["parent_run_id"] = None
+    run_kwargs = (
+        {"run_id": state["parent_run_id"]}
+        if state["parent_run_id"]
+        else {"run_name": "sweep", "tags": {"stage": "sweep"}}
+    )
     with mlflow.start_run(**run_kwargs) as parent:
         if not state["parent_run_id"]:
             mlflow.log_params(flatten({k: p[k] for k in ("seed", "model", "sweep", "evaluate")}))
@@ -122,8 +139,13 @@ def run_sweep(
         logged = _finished_points(mlflow, state["parent_run_id"])
         if state["dense"] is None:
             m = evaluate_now("dense")
-            state["dense"] = {"method": "dense", "pattern": "dense", "target_sparsity": 0.0,
-                              "sparsity": weight_sparsity(model, targets), **_keep(m)}
+            state["dense"] = {
+                "method": "dense",
+                "pattern": "dense",
+                "target_sparsity": 0.0,
+                "sparsity": weight_sparsity(model, targets),
+                **_keep(m),
+            }
             write_json_atomic(state_dir / "state.json", state)
         if "dense" not in logged:
             _log_point(mlflow, state["dense"], "dense")
@@ -139,14 +161,23 @@ def run_sweep(
                 modules[n].weight.data.copy_(dense[n])
             t0 = time.perf_counter()
             prune_layers(
-                model, targets, hessians.__getitem__, method=point["method"],
-                sparsity=point["target_sparsity"], pattern=point["pattern"],
-                progress=False, **prune_kwargs(p),
+                model,
+                targets,
+                hessians.__getitem__,
+                method=point["method"],
+                sparsity=point["target_sparsity"],
+                pattern=point["pattern"],
+                progress=False,
+                **prune_kwargs(p),
             )
             prune_s = time.perf_counter() - t0
             m = evaluate_now(key)
-            result = {**point, "sparsity": weight_sparsity(model, targets), **_keep(m),
-                      "prune_seconds": round(prune_s, 2)}
+            result = {
+                **point,
+                "sparsity": weight_sparsity(model, targets),
+                **_keep(m),
+                "prune_seconds": round(prune_s, 2),
+            }
             state["points"][key] = result
             write_json_atomic(state_dir / "state.json", state)
             _log_point(mlflow, result, key)
@@ -168,6 +199,13 @@ def run_sweep(
 def _keep(m: dict) -> dict:
     keys = ("wer", "cer", "wer_raw", "num_utterances", "transcribe_seconds", "reference_words")
     return {k: m[k] for k in keys if k in m}
+
+
+def _run_exists(mlflow, run_id: str) -> bool:
+    try:
+        return mlflow.tracking.MlflowClient().get_run(run_id).info.lifecycle_stage == "active"
+    except Exception:  # noqa: BLE001 - MlflowException for unknown ids, whatever the store
+        return False
 
 
 def _finished_points(mlflow, parent_id: str) -> set[str]:
@@ -237,7 +275,11 @@ def plot(summary: dict, path: Path) -> None:
     for i, m in enumerate(methods):
         color = f"C{i}"
         pts = sorted(
-            (pt for pt in summary["points"] if pt["method"] == m and pt["pattern"] == "unstructured"),
+            (
+                pt
+                for pt in summary["points"]
+                if pt["method"] == m and pt["pattern"] == "unstructured"
+            ),
             key=lambda pt: pt["target_sparsity"],
         )
         if pts:
@@ -247,9 +289,15 @@ def plot(summary: dict, path: Path) -> None:
             all_wer += ys
         for pt in summary["points"]:
             if pt["method"] == m and pt["pattern"] != "unstructured":
-                ax.scatter(100 * pt["sparsity"], 100 * pt["wer"], marker="s", s=60,
-                           facecolors="none", edgecolors=color,
-                           label=f"{m} {pt['pattern']}")
+                ax.scatter(
+                    100 * pt["sparsity"],
+                    100 * pt["wer"],
+                    marker="s",
+                    s=60,
+                    facecolors="none",
+                    edgecolors=color,
+                    label=f"{m} {pt['pattern']}",
+                )
                 all_wer.append(100 * pt["wer"])
     top = min(max(all_wer) * 1.1, max(100.0, dense * 4))
     ax.set_ylim(0, top)
@@ -257,11 +305,24 @@ def plot(summary: dict, path: Path) -> None:
         for pt in summary["points"]:
             if 100 * pt["wer"] > top:
                 x = 100 * pt["sparsity"]
-                ax.annotate(f"{100 * pt['wer']:.0f}%", (x, top), xytext=(3, -12),
-                            textcoords="offset points", fontsize=7, color="gray",
-                            annotation_clip=False)
-        ax.text(0.01, 0.98, "WER above the top edge: value written at the edge",
-                transform=ax.transAxes, va="top", fontsize=8, color="gray")
+                ax.annotate(
+                    f"{100 * pt['wer']:.0f}%",
+                    (x, top),
+                    xytext=(3, -12),
+                    textcoords="offset points",
+                    fontsize=7,
+                    color="gray",
+                    annotation_clip=False,
+                )
+        ax.text(
+            0.01,
+            0.98,
+            "WER above the top edge: value written at the edge",
+            transform=ax.transAxes,
+            va="top",
+            fontsize=8,
+            color="gray",
+        )
     ax.set_xlabel("sparsity of pruned Linear layers (%)")
     ax.set_ylabel("WER (%)")
     ax.set_title(f"{summary['model_id']}: WER vs sparsity ({summary['num_utterances']} utts)")
@@ -287,8 +348,10 @@ def format_table(summary: dict) -> str:
         rows.append([m] + [f"{100 * pt['wer']:.1f}" if pt else "-" for pt in cells])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     dense = 100 * summary["dense"]["wer"]
-    lines = [f"WER % on {summary['num_utterances']} utterances of {summary['model_id']}; "
-             f"dense model: {dense:.2f}%"]
+    lines = [
+        f"WER % on {summary['num_utterances']} utterances of {summary['model_id']}; "
+        f"dense model: {dense:.2f}%"
+    ]
     lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     return "\n".join(lines)
 
