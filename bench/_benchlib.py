@@ -377,3 +377,30 @@ def timed(fn: Callable[[], Any], device: str = "cpu") -> tuple[float, Any]:
     out = fn()
     sync(device)
     return time.perf_counter() - t0, out
+
+
+def hf_generate_tokens(model, processor, audios, prompt, batch_size: int) -> list[list[int]]:
+    """Plain greedy ``model.generate`` with the prompt forced: the floor to compare against."""
+    import torch
+
+    from whisper_obs_pruning.transcribe import log_mel_features
+
+    eot = model.generation_config.eos_token_id
+    out: list[list[int]] = []
+    for i in range(0, len(audios), batch_size):
+        chunk = audios[i : i + batch_size]
+        feats = log_mel_features(processor, chunk, device=model.device, dtype=model.dtype)
+        dec = torch.tensor([prompt] * len(chunk), device=model.device)
+        with torch.inference_mode():
+            seqs = model.generate(
+                feats,
+                decoder_input_ids=dec,
+                num_beams=1,
+                do_sample=False,
+                max_new_tokens=448 - len(prompt),
+            )
+        for row in seqs.tolist():
+            if row[: len(prompt)] == prompt:
+                row = row[len(prompt) :]
+            out.append(row[: row.index(eot)] if eot in row else row)
+    return out

@@ -48,6 +48,9 @@ def parse_variant(text: str) -> dict:
     parts = text.split(":")
     if parts[1] != "unstructured":  # "2:4" contains a colon
         parts = [parts[0], f"{parts[1]}:{parts[2]}", *parts[3:]]
+    sequential = parts[-1] == "seq"
+    if sequential:
+        parts = parts[:-1]
     method, pattern, sparsity, damp, padding, allocation, clips = parts
     return {
         "method": method,
@@ -57,6 +60,7 @@ def parse_variant(text: str) -> dict:
         "padding": padding,
         "allocation": allocation,
         "clips": int(clips),
+        "sequential": sequential,
         "name": text,
     }
 

@@ -36,27 +36,8 @@ import _benchlib as bl
 
 def hf_generate_texts(model, processor, audios, prompt, batch_size: int) -> list[str]:
     """Plain ``model.generate`` (greedy), the prompt forced as decoder_input_ids."""
-    import torch
-
-    from whisper_obs_pruning.transcribe import log_mel_features
-
-    texts: list[str] = []
-    for i in range(0, len(audios), batch_size):
-        chunk = audios[i : i + batch_size]
-        feats = log_mel_features(processor, chunk, device=model.device, dtype=model.dtype)
-        dec = torch.tensor([prompt] * len(chunk), device=model.device)
-        with torch.inference_mode():
-            seqs = model.generate(
-                feats,
-                decoder_input_ids=dec,
-                num_beams=1,
-                do_sample=False,
-                max_new_tokens=448 - len(prompt),
-            )
-        # The prompt tokens are special tokens: decoding with skip_special_tokens drops them
-        # whether or not generate returns them.
-        texts += processor.tokenizer.batch_decode(seqs, skip_special_tokens=True)
-    return [t.strip() for t in texts]
+    tokens = bl.hf_generate_tokens(model, processor, audios, prompt, batch_size)
+    return [t.strip() for t in processor.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
 
 
 def main() -> None:

@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import _benchlib
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,32 +92,6 @@ def load_clips(folder: Path, n: int, lo: float = 3.0, hi: float = 6.0) -> tuple[
     return clips, f"espeak-ng synthetic ({n} clips; {folder} not found)"
 
 
-def hf_generate_tokens(model, processor, audios, prompt, batch_size: int) -> list[list[int]]:
-    import torch
-
-    from whisper_obs_pruning.transcribe import log_mel_features
-
-    eot = model.generation_config.eos_token_id
-    out: list[list[int]] = []
-    for i in range(0, len(audios), batch_size):
-        chunk = audios[i : i + batch_size]
-        feats = log_mel_features(processor, chunk, device=model.device, dtype=model.dtype)
-        dec = torch.tensor([prompt] * len(chunk), device=model.device)
-        with torch.inference_mode():
-            seqs = model.generate(
-                feats,
-                decoder_input_ids=dec,
-                num_beams=1,
-                do_sample=False,
-                max_new_tokens=448 - len(prompt),
-            )
-        for row in seqs.tolist():
-            if row[: len(prompt)] == prompt:
-                row = row[len(prompt) :]
-            out.append(row[: row.index(eot)] if eot in row else row)
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="bundled:tiny.en")
@@ -157,7 +132,10 @@ def main() -> None:
     ]
     if not args.no_hf:
         methods.append(
-            ("hf_generate", lambda bs: hf_generate_tokens(model, processor, clips, prompt, bs))
+            (
+                "hf_generate",
+                lambda bs: _benchlib.hf_generate_tokens(model, processor, clips, prompt, bs),
+            )
         )
 
     # Warm-up (first-call allocations, lazy imports) on two clips.

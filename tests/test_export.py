@@ -9,12 +9,9 @@ different model. Pruning here is per-layer magnitude (no Hessians needed) on the
 from __future__ import annotations
 
 import copy
-import csv
 import json
-import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -34,7 +31,6 @@ from whisper_obs_pruning.pruning import select_targets
 from whisper_obs_pruning.transcribe import transcribe
 
 REPO = Path(__file__).resolve().parents[1]
-EVAL_DIR = Path(os.environ.get("WHISPER_OBS_EVAL_DIR", REPO / "data" / "evaluation"))
 CONFIGS = {"u50": (0.5, None), "u70": (0.7, None), "2:4": (0.0, "2:4")}
 
 
@@ -84,26 +80,6 @@ def saved(pruned, tmp_path_factory):
     return out
 
 
-def _clips(n: int) -> list[np.ndarray]:
-    import soundfile as sf
-
-    meta = EVAL_DIR / "metadata.csv"
-    if not meta.is_file():
-        pytest.skip(f"evaluation clips not found: {meta}")
-    with meta.open(newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))[:n]
-    clips = []
-    for row in rows:
-        audio, sr = sf.read(EVAL_DIR / row["file_name"], dtype="float32", always_2d=True)
-        audio = audio.mean(axis=1)
-        if sr != 16000:
-            import soxr
-
-            audio = soxr.resample(audio, sr, 16000).astype(np.float32)
-        clips.append(np.ascontiguousarray(audio[: 30 * 16000]))
-    return clips
-
-
 # ----------------------------------------------------------------------- round trip
 
 
@@ -149,9 +125,9 @@ def test_sparse_dir_is_smaller_than_save_pretrained(tiny, pruned, saved, tmp_pat
     assert r70["weights_ratio"] < r["weights_ratio"] - 0.05
 
 
-def test_loaded_model_transcribes_like_the_pruned_one(tiny, pruned, saved):
+def test_loaded_model_transcribes_like_the_pruned_one(tiny, pruned, saved, eval_utts):
     _, processor = tiny
-    clips = _clips(2)
+    clips = [u.audio for u in eval_utts[:2]]
     want = transcribe(pruned["u50"], processor, clips, batch_size=2, progress=False)
     got = transcribe(load_sparse(saved["u50"][0]), processor, clips, batch_size=2, progress=False)
     assert got == want and all(t.strip() for t in want), want

@@ -151,22 +151,30 @@ def test_repro_again_is_cached_and_exp_run_changes_one_param(repro):
     assert "0.4" in json.dumps(shown)
 
 
+def run_queue(root: Path, env: dict, workers: int = 2, timeout: float = 1500) -> str:
+    """`dvc queue start -j workers`, then wait until nothing is queued or running."""
+    import time
+
+    sh(["dvc", "queue", "start", "-j", str(workers)], root, env)
+    deadline = time.time() + timeout
+    while True:
+        status = sh(["dvc", "queue", "status"], root, env)
+        if "Running" not in status and "Queued" not in status:
+            break
+        assert time.time() < deadline, f"queue still busy after {timeout} s:\n{status}"
+        time.sleep(5)
+    assert "Failed" not in status, status
+    return status
+
+
 @pytest.mark.slow
 def test_two_queued_experiments_run_concurrently(repro):
     """`dvc queue start -j 2`: both experiments finish and both log complete MLflow runs."""
-    import time
 
     root, env, _ = repro
     for s in ("0.3", "0.6"):
         sh(["dvc", "exp", "run", "--queue", "-S", f"prune.sparsity={s}"], root, env)
-    sh(["dvc", "queue", "start", "-j", "2"], root, env)
-    deadline = time.time() + 1500
-    while time.time() < deadline:
-        status = sh(["dvc", "queue", "status"], root, env)
-        if "Running" not in status and "Queued" not in status:
-            break
-        time.sleep(5)
-    assert "Failed" not in status, status
+    status = run_queue(root, env)
     assert status.count("Success") >= 2, status
     db = sqlite3.connect(root / "mlflow.db")
     rows = db.execute(
@@ -177,3 +185,82 @@ def test_two_queued_experiments_run_concurrently(repro):
     assert {"0.3", "0.6"} <= finished
     # the queued runs logged to the repository's store, not to their temporary copies
     assert not list((root / ".dvc" / "tmp" / "exps").rglob("mlflow.db"))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_queue_logs_to_one_tracking_server_and_pushes_to_a_remote(repro, tmp_path):
+    """The several-workers set-up in its local form: an MLflow server on 127.0.0.1 that every
+    queued experiment logs to, and a DVC remote (a directory) that holds the artifacts."""
+    import time
+    import urllib.request
+
+    from mlflow.tracking import MlflowClient
+
+    root, env, _ = repro
+    port = _free_port()
+    store = tmp_path / "server"
+    store.mkdir()
+    server = subprocess.Popen(
+        [
+            str(BIN / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{store / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(store / "artifacts"),
+        ],
+        env={**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise
+                time.sleep(1)
+        env_server = {**env, "MLFLOW_TRACKING_URI": uri}
+        for s in ("0.35", "0.45"):
+            sh(["dvc", "exp", "run", "--queue", "-S", f"prune.sparsity={s}"], root, env_server)
+        run_queue(root, env_server)
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name("whisper-obs")
+        runs = client.search_runs([exp.experiment_id], "attributes.run_name = 'evaluate'")
+        logged = {r.data.params.get("prune.sparsity") for r in runs if r.info.status == "FINISHED"}
+        assert {"0.35", "0.45"} <= logged
+        for r in runs:
+            assert 0 <= r.data.metrics["wer"] < 1.0
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+    remote = tmp_path / "dvc-remote"
+    sh(["dvc", "remote", "add", "--local", "-d", "shared", str(remote)], root, env)
+    sh(["dvc", "push"], root, env)
+    assert any(remote.rglob("*")), "nothing pushed"
+    shutil.rmtree(root / "artifacts" / "hessians")
+    shutil.rmtree(root / ".dvc" / "cache")
+    sh(["dvc", "pull"], root, env)
+    assert (root / "artifacts" / "hessians" / "manifest.json").is_file()
+    status = sh(["dvc", "status"], root, env)
+    assert "up to date" in status.lower() or status.strip() == ""

@@ -427,6 +427,10 @@ def test_interrupted_sweep_resumes_without_duplicate_runs(hessian_set, tmp_path)
     db = sqlite3.connect(tmp_path / "mlflow.db")
     parents = db.execute("SELECT run_uuid FROM runs WHERE name='sweep'").fetchall()
     assert len(parents) == 1  # the rerun continued the same parent run
-    children = db.execute("SELECT value FROM tags WHERE key='point'").fetchall()
+    # What users see: active runs (a point killed mid-logging is deleted on resume, then relogged).
+    children = db.execute(
+        "SELECT t.value FROM tags t JOIN runs r ON r.run_uuid = t.run_uuid "
+        "WHERE t.key='point' AND r.lifecycle_stage='active' AND r.status='FINISHED'"
+    ).fetchall()
     points = [c[0] for c in children if c[0] != "dense"]
     assert len(points) == len(set(points)) == 4  # no point logged twice

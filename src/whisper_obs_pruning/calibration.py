@@ -32,7 +32,7 @@ def teacher_forced_batches(
     prompt: list[int],
     batch_size: int,
     *,
-    exclude_padding: bool = True,
+    exclude_padding: bool = False,
     eot: int | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor] | None]]:
     """Yield (input_features, decoder_input_ids, row_masks) per batch.
@@ -79,7 +79,7 @@ def run_calibration(
     prompt: list[int],
     *,
     batch_size: int = 8,
-    exclude_padding: bool = True,
+    exclude_padding: bool = False,
     progress: bool = True,
 ) -> dict:
     """Run every utterance through the model once, teacher-forced; return counts."""

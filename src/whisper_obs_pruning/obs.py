@@ -58,6 +58,22 @@ def prune_obs(
     prunes), ``row_batch`` (rows in lockstep; default: what fits in ``workspace_mb``, at most
     about 64K weights), ``dtype`` (float64 follows a float64 reference exactly, at twice the cost).
     """
+    if W.device.type != "cpu" or H.device.type != "cpu":
+        # The step loop is many small ops that a GPU launch per op would not speed up, and its
+        # index bookkeeping lives on the CPU: run there, hand the result back on W's device.
+        res = prune_obs(
+            W.cpu(),
+            H.cpu(),
+            sparsity,
+            pattern,
+            rel_damp=rel_damp,
+            row_batch=row_batch,
+            block=block,
+            margin=margin,
+            workspace_mb=workspace_mb,
+            dtype=dtype,
+        )
+        return PruneResult(res.weight.to(W.device), res.pruned_mask.to(W.device), res.info)
     rows, cols = W.shape
     _check_nm(cols, pattern)
     with single_thread():  # two OpenMP threads on a busy machine made this 10x slower

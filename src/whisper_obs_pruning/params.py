@@ -24,9 +24,9 @@ DEFAULTS: dict[str, Any] = {
         "calibration": {"source": "embedded", "split": "calibration", "max_samples": None},
         "evaluation": {"source": "embedded", "split": "evaluation", "max_samples": None},
     },
-    "calibrate": {"hessian": "full", "exclude_padding": True, "batch_size": 8},
+    "calibrate": {"hessian": "full", "exclude_padding": False, "batch_size": 8},
     "prune": {
-        "method": "sparsegpt",
+        "method": "obs",
         "sparsity": 0.5,
         "pattern": "unstructured",
         "rel_damp": 0.01,
@@ -39,7 +39,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "evaluate": {"batch_size": 16},
     "sweep": {
-        "methods": ["magnitude", "diagonal", "sparsegpt"],
+        "methods": ["magnitude", "diagonal", "sparsegpt", "obs"],
         "sparsities": [0.3, 0.5, 0.7],
         "patterns": ["2:4"],
     },

@@ -214,6 +214,21 @@ def _packbits(mask: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------ evaluate
+def evaluate_on(
+    p: dict, model, processor, utterances, *, progress: bool = True, desc: str = "evaluate"
+) -> tuple[dict, list]:
+    """WER/CER of ``model`` on ``utterances`` with the params' batch size and language."""
+    return evaluate_model(
+        model,
+        processor,
+        utterances,
+        batch_size=p["evaluate"]["batch_size"],
+        language=p["model"]["language"],
+        progress=progress,
+        desc=desc,
+    )
+
+
 def evaluate(p: dict, model_dir: str | Path, *, progress: bool = True) -> tuple[dict, list]:
     """WER/CER of the pruned model saved by ``prune`` on the evaluation split."""
     seed_everything(p["seed"])
@@ -222,14 +237,7 @@ def evaluate(p: dict, model_dir: str | Path, *, progress: bool = True) -> tuple[
     report = json.loads((model_dir / "report.json").read_text())["summary"]
     data = load_split(p, "evaluation")
     targets = targets_for(model, p)
-    metrics, rows = evaluate_model(
-        model,
-        processor,
-        data.utterances,
-        batch_size=p["evaluate"]["batch_size"],
-        language=p["model"]["language"],
-        progress=progress,
-    )
+    metrics, rows = evaluate_on(p, model, processor, data.utterances, progress=progress)
     metrics.update(
         {
             "method": report["method"],

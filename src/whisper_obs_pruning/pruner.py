@@ -44,7 +44,7 @@ class WhisperOBSPruner:
         *,
         processor=None,
         diagonal: bool = False,
-        exclude_padding: bool = True,
+        exclude_padding: bool = False,
         language: str | None = "en",
     ) -> None:
         if rel_damp < 0:

@@ -65,7 +65,7 @@ def prune_sequential(
     sparsity: float,
     pattern: str | None = None,
     batch_size: int = 8,
-    exclude_padding: bool = True,
+    exclude_padding: bool = False,
     progress: bool = True,
     **prune_kwargs,
 ) -> dict[str, dict]:

@@ -17,11 +17,11 @@ from pathlib import Path
 
 from . import tracking
 from .artifacts import write_json_atomic, write_text_atomic
-from .evaluate import evaluate_model
 from .methods import parse_pattern, pattern_name
 from .models import load_whisper
 from .params import flatten
 from .pipeline import (
+    evaluate_on,
     load_split,
     open_hessians,
     preload_hessians,
@@ -105,16 +105,7 @@ def run_sweep(
     points = sweep_points(p)
 
     def evaluate_now(desc: str) -> dict:
-        metrics, _ = evaluate_model(
-            model,
-            processor,
-            data.utterances,
-            batch_size=p["evaluate"]["batch_size"],
-            language=p["model"]["language"],
-            progress=progress,
-            desc=desc,
-        )
-        return metrics
+        return evaluate_on(p, model, processor, data.utterances, progress=progress, desc=desc)[0]
 
     mlflow = tracking.setup(p["mlflow"]["experiment"], p["mlflow"]["tracking_uri"])
     if state["parent_run_id"] and not _run_exists(mlflow, state["parent_run_id"]):
