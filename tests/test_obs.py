@@ -165,3 +165,13 @@ def test_nothing_to_prune():
     W, H = problem(rows=4, cols=16, seed=6)
     res = prune_obs(W, H, 0.0)
     assert not res.pruned_mask.any() and torch.equal(res.weight, W)
+
+
+@pytest.mark.parametrize("pattern", [None, (2, 4)])
+def test_parallel_workers_give_bit_identical_results(pattern):
+    """Row batches are fixed before they are spread over threads: workers only change speed."""
+    W, H = problem(96, 64, seed=5)
+    one = prune_obs(W, H, 0.5, pattern, row_batch=16, workers=1)
+    three = prune_obs(W, H, 0.5, pattern, row_batch=16, workers=3)
+    assert torch.equal(one.weight, three.weight)
+    assert torch.equal(one.pruned_mask, three.pruned_mask)

@@ -40,7 +40,7 @@ DEFAULTS: dict[str, Any] = {
     "evaluate": {"batch_size": 16},
     "sweep": {
         "methods": ["magnitude", "diagonal", "sparsegpt", "obs"],
-        "sparsities": [0.3, 0.5, 0.7],
+        "sparsities": [0.5, 0.7],
         "patterns": ["2:4"],
     },
     "mlflow": {"experiment": "whisper-obs", "tracking_uri": None},
