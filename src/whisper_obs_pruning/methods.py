@@ -105,11 +105,21 @@ def single_thread() -> Iterator[None]:
     one thread, 19 s with two; inverting a 1536x1536 H: 1.2 s vs 13.9 s). Results are equal.
     """
     before = torch.get_num_threads()
+    _THREADS_OUTSIDE.append(before)
     torch.set_num_threads(1)
     try:
         yield
     finally:
+        _THREADS_OUTSIDE.pop()
         torch.set_num_threads(before)
+
+
+_THREADS_OUTSIDE: list[int] = []  # torch's thread count before each active single_thread()
+
+
+def available_threads() -> int:
+    """Cores torch may use outside :func:`single_thread`: how many parallel workers fit."""
+    return _THREADS_OUTSIDE[0] if _THREADS_OUTSIDE else torch.get_num_threads()
 
 
 # ---------------------------------------------------------------- masks from scores

@@ -61,7 +61,7 @@ def prune_obs(
     prunes), ``row_batch`` (rows in lockstep; default: what fits in ``workspace_mb``, at most
     about 64K weights), ``dtype`` (float64 follows a float64 reference exactly, at twice the cost),
     ``workers`` (row batches run at once, each in its own Python thread on one core; default:
-    torch's thread count). The batches do not depend on ``workers``, so neither does the result.
+    the cores torch may use). The batches do not depend on ``workers``, so neither does the result.
     """
     if W.device.type != "cpu" or H.device.type != "cpu":
         # The step loop is many small ops that a GPU launch per op would not speed up, and its
@@ -101,7 +101,7 @@ def prune_obs(
     row_batch = max(1, min(row_batch, rows))
     row_batch = -(-rows // -(-rows // row_batch))  # same work, batches of even size
     batches = [(r1, min(r1 + row_batch, rows)) for r1 in range(0, rows, row_batch)]
-    workers = max(1, min(workers or torch.get_num_threads(), len(batches)))
+    workers = max(1, min(workers or available_threads(), len(batches)))
     floor = float(torch.diagonal(Hinv0).max()) * 1e-12  # clamp for pivots: never divide by ~0
 
     def run(worker: int) -> None:
@@ -290,6 +290,7 @@ from .methods import (  # noqa: E402
     Pattern,
     PruneResult,
     _check_nm,
+    available_threads,
     inverse_hessian,
     per_row_counts,
     single_thread,
