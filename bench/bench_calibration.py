@@ -118,16 +118,16 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds of all variants")
     ap.add_argument(
-        "--include-padding",
+        "--exclude-padding",
         action="store_true",
-        help="accumulate all 1500 encoder frames (exclude_padding=False)",
+        help="leave Whisper's zero-padding frames out (the pipeline's default keeps all 1500)",
     )
     ap.add_argument("--no-memory", action="store_true", help="skip the subprocess memory runs")
     ap.add_argument("--target-ratio", type=float, default=1.5)
     args = ap.parse_args()
     device = bl.setup_torch(args)
     machine = bl.machine_info(device)
-    exclude_padding = not args.include_padding
+    exclude_padding = args.exclude_padding
 
     model, processor, utts, prompt = _setup(args.model, args.n, device)
     audio_s = sum(u.duration for u in utts)

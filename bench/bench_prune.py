@@ -150,6 +150,11 @@ def main() -> None:
         default=600.0,
         help="stop a method x pattern after this long; the rest is extrapolated per shape",
     )
+    ap.add_argument(
+        "--exclude-padding",
+        action="store_true",
+        help="Hessians and errors on audio frames only (the pipeline's default keeps all 1500)",
+    )
     args = ap.parse_args()
     device = bl.setup_torch(args)
     machine = bl.machine_info(device)
@@ -198,7 +203,14 @@ def main() -> None:
     t0 = time.perf_counter()
     with HessianCollector({n: all_linear[n] for n in targets}, device=device) as col:
         calib_counts = run_calibration(
-            model, processor, calib, col, prompt, batch_size=args.batch_size, progress=False
+            model,
+            processor,
+            calib,
+            col,
+            prompt,
+            batch_size=args.batch_size,
+            exclude_padding=args.exclude_padding,
+            progress=False,
         )
     calib_seconds = time.perf_counter() - t0
     H: dict[str, torch.Tensor] = {}
@@ -218,7 +230,7 @@ def main() -> None:
     with HeldOutGram(modules, targets, device, keep_raw=check_layer) as hog, torch.inference_mode():
         dtype = next(model.parameters()).dtype
         for b, (feats, dec, lib_masks) in enumerate(
-            teacher_forced_batches(held, processor, prompt, args.batch_size)
+            teacher_forced_batches(held, processor, prompt, args.batch_size, exclude_padding=True)
         ):
             batch = held[b * args.batch_size : (b + 1) * args.batch_size]
             lengths = [
@@ -241,6 +253,8 @@ def main() -> None:
                 not torch.equal(enc_mask, lib_masks["encoder"])
                 or not torch.equal(dec_mask, lib_masks["decoder"])
             )
+            if not args.exclude_padding:  # error over every frame the encoder computes
+                enc_mask = torch.ones_like(enc_mask)
             hog.new_batch(enc_mask.to(device), dec_mask.to(device))
             model(
                 input_features=feats.to(device, dtype),
@@ -500,12 +514,15 @@ def main() -> None:
             "heldout_mask_batches_differing_from_library": mismatched_masks,
             "sparsity": args.sparsity,
             "rel_damp": args.rel_damp,
-            "pruning_device": "cpu (Hessians on CPU: prune_layers moves weights to the CPU)",
+            "pruning_device": str(device),
             "error_definition": (
                 "||(W-W')X||^2/||WX||^2 with X the layer's dense-model inputs on held-out "
-                "calibration clips (encoder side: first ceil(len/320) frames; decoder side: "
-                "prompt + transcript tokens), computed as tr(dW G dW^T)/tr(W G W^T), G = X^T X"
+                "calibration clips (encoder side: "
+                + ("first ceil(len/320) frames" if args.exclude_padding else "all 1500 frames")
+                + "; decoder side: prompt + transcript tokens), computed as "
+                "tr(dW G dW^T)/tr(W G W^T), G = X^T X"
             ),
+            "exclude_padding": args.exclude_padding,
             "identity_check": identity_check,
             "targets": targets_met,
             "results": results,
