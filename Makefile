@@ -13,7 +13,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 export WHISPER_OBS_CACHE ?= $(abspath .cache)
 UI_PORT ?= 5000
 
-.PHONY: install run test test-all ui bench lint format clean-runs
+.PHONY: install run test test-slow test-all ui bench lint format clean-runs
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ run: install
 ## test: the default test suite (< 15 min on 2 cores); `make test-all` adds the slow tests
 test: install
 	python -m pytest -m "not slow"
+
+## test-slow: only the slow tests (bundled base parity, queued experiments, tracking server + remote)
+test-slow: install
+	python -m pytest -m slow
 
 test-all: install
 	python -m pytest

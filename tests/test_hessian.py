@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from whisper_obs_pruning.calibration import encoder_valid_frames, run_calibration
@@ -173,3 +174,17 @@ def test_second_order_reconstructs_real_activations_best(tiny):
             name,
             err,
         )
+
+
+@pytest.mark.parametrize("d", [5, 384, 385, 1000])
+def test_add_gram_blocks_equal_the_full_product(d):
+    """The upper-block Gram (with mirror) is the full X^T X, exactly symmetric."""
+    from whisper_obs_pruning.hessian import add_gram
+
+    x = torch.randn(700, d, generator=torch.Generator().manual_seed(d))
+    acc = torch.zeros(d, d, dtype=torch.float64)
+    add_gram(acc, x, block=128)
+    add_gram(acc, x, block=128)
+    ref = 2 * x.double().T @ x.double()
+    assert torch.equal(acc, acc.T)
+    assert torch.allclose(acc, ref, rtol=1e-5, atol=1e-3)
