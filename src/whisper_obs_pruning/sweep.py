@@ -281,7 +281,7 @@ def plot(summary: dict, path: Path) -> None:
         for pt in summary["points"]:
             if pt["method"] == m and pt["pattern"] != "unstructured":
                 ax.scatter(
-                    100 * pt["sparsity"],
+                    100 * pt["sparsity"] + 1.5,  # beside the unstructured point of equal sparsity
                     100 * pt["wer"],
                     marker="s",
                     s=60,
@@ -292,33 +292,36 @@ def plot(summary: dict, path: Path) -> None:
                 all_wer.append(100 * pt["wer"])
     top = min(max(all_wer) * 1.1, max(100.0, dense * 4))
     ax.set_ylim(0, top)
-    if max(all_wer) > top:  # degenerate points: drawn at the top edge, value written beside
-        for pt in summary["points"]:
-            if 100 * pt["wer"] > top:
-                x = 100 * pt["sparsity"]
-                ax.annotate(
-                    f"{100 * pt['wer']:.0f}%",
-                    (x, top),
-                    xytext=(3, -12),
-                    textcoords="offset points",
-                    fontsize=7,
-                    color="gray",
-                    annotation_clip=False,
-                )
-        ax.text(
-            0.01,
-            0.98,
-            "WER above the top edge: value written at the edge",
-            transform=ax.transAxes,
-            va="top",
-            fontsize=8,
-            color="gray",
+    if max(all_wer) > top:  # degenerate points: drawn at the top edge, values listed below it
+        over: dict[float, list[str]] = {}
+        for m in methods:
+            for pt in summary["points"]:
+                if pt["method"] == m and 100 * pt["wer"] > top:
+                    x = 100 * pt["sparsity"] + (0 if pt["pattern"] == "unstructured" else 1.5)
+                    label = m if pt["pattern"] == "unstructured" else f"{m} {pt['pattern']}"
+                    over.setdefault(round(x, 1), []).append(f"{label} {100 * pt['wer']:.0f}%")
+        for x, labels in over.items():
+            ax.annotate(
+                "\n".join(labels),
+                (x, top),
+                xytext=(-4, -4),
+                textcoords="offset points",
+                ha="right",
+                va="top",
+                fontsize=7,
+                color="gray",
+            )
+        ax.set_title(
+            f"{summary['model_id']}: WER vs sparsity ({summary['num_utterances']} utts; "
+            f"values above {top:.0f}% written at the edge)",
+            fontsize=10,
         )
+    else:
+        ax.set_title(f"{summary['model_id']}: WER vs sparsity ({summary['num_utterances']} utts)")
     ax.set_xlabel("sparsity of pruned Linear layers (%)")
     ax.set_ylabel("WER (%)")
-    ax.set_title(f"{summary['model_id']}: WER vs sparsity ({summary['num_utterances']} utts)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
+    ax.legend(fontsize=8, ncol=2, loc="center left")
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp)
