@@ -170,7 +170,6 @@ def run_queue(root: Path, env: dict, workers: int = 2, timeout: float = 1500) ->
 @pytest.mark.slow
 def test_two_queued_experiments_run_concurrently(repro):
     """`dvc queue start -j 2`: both experiments finish and both log complete MLflow runs."""
-
     root, env, _ = repro
     for s in ("0.3", "0.6"):
         sh(["dvc", "exp", "run", "--queue", "-S", f"prune.sparsity={s}"], root, env)

@@ -63,23 +63,10 @@ def prune_obs(
     ``workers`` (row batches run at once, each in its own Python thread on one core; default:
     the cores torch may use). The batches do not depend on ``workers``, so neither does the result.
     """
-    if W.device.type != "cpu" or H.device.type != "cpu":
-        # The step loop is many small ops that a GPU launch per op would not speed up, and its
-        # index bookkeeping lives on the CPU: run there, hand the result back on W's device.
-        res = prune_obs(
-            W.cpu(),
-            H.cpu(),
-            sparsity,
-            pattern,
-            rel_damp=rel_damp,
-            row_batch=row_batch,
-            block=block,
-            margin=margin,
-            workspace_mb=workspace_mb,
-            dtype=dtype,
-            workers=workers,
-        )
-        return PruneResult(res.weight.to(W.device), res.pruned_mask.to(W.device), res.info)
+    # The step loop is many small ops that a GPU launch per op would not speed up, and its index
+    # bookkeeping lives on the CPU: compute there, hand the result back on W's device.
+    device = W.device
+    W, H = W.cpu(), H.cpu()
     rows, cols = W.shape
     _check_nm(cols, pattern)
     with single_thread():  # two OpenMP threads on a busy machine made this 10x slower
@@ -93,7 +80,7 @@ def prune_obs(
     Wout = W.detach().to(dtype).clone()
     mask = torch.zeros(rows, cols, dtype=torch.bool)
     if steps == 0:
-        return PruneResult(Wout.to(W.dtype), mask, info)
+        return PruneResult(Wout.to(device, W.dtype), mask.to(device), info)
     setsize = min(cols, steps + max(1, margin))
     if row_batch is None:  # bounded by the buffers' memory, and by ~64K weights (cache-sized steps)
         per_row = (setsize + steps) * cols * Hinv0.element_size()
@@ -121,7 +108,7 @@ def prune_obs(
             with ThreadPoolExecutor(workers) as pool:
                 list(pool.map(run, range(workers)))
     Wout[mask] = 0
-    return PruneResult(Wout.to(W.dtype), mask, info)
+    return PruneResult(Wout.to(device, W.dtype), mask.to(device), info)
 
 
 def _obs_rows(

@@ -251,6 +251,15 @@ def write_outputs(summary: dict, out_dir: Path) -> None:
     plot(summary, out_dir / "sparsity_wer.png")
 
 
+def _plot_x(pt: dict) -> float:
+    """Sparsity in percent; N:M points sit just right of the unstructured point they equal."""
+    return 100 * pt["sparsity"] + (0.0 if pt["pattern"] == "unstructured" else 1.5)
+
+
+def _plot_label(pt: dict) -> str:
+    return pt["method"] if pt["pattern"] == "unstructured" else f"{pt['method']} {pt['pattern']}"
+
+
 def plot(summary: dict, path: Path) -> None:
     """WER against sparsity: a line per method, N:M as separate markers, dense dashed."""
     import matplotlib
@@ -281,13 +290,13 @@ def plot(summary: dict, path: Path) -> None:
         for pt in summary["points"]:
             if pt["method"] == m and pt["pattern"] != "unstructured":
                 ax.scatter(
-                    100 * pt["sparsity"] + 1.5,  # beside the unstructured point of equal sparsity
+                    _plot_x(pt),
                     100 * pt["wer"],
                     marker="s",
                     s=60,
                     facecolors="none",
                     edgecolors=color,
-                    label=f"{m} {pt['pattern']}",
+                    label=_plot_label(pt),
                 )
                 all_wer.append(100 * pt["wer"])
     top = min(max(all_wer) * 1.1, max(100.0, dense * 4))
@@ -297,9 +306,8 @@ def plot(summary: dict, path: Path) -> None:
         for m in methods:
             for pt in summary["points"]:
                 if pt["method"] == m and 100 * pt["wer"] > top:
-                    x = 100 * pt["sparsity"] + (0 if pt["pattern"] == "unstructured" else 1.5)
-                    label = m if pt["pattern"] == "unstructured" else f"{m} {pt['pattern']}"
-                    over.setdefault(round(x, 1), []).append(f"{label} {100 * pt['wer']:.0f}%")
+                    label = f"{_plot_label(pt)} {100 * pt['wer']:.0f}%"
+                    over.setdefault(round(_plot_x(pt), 1), []).append(label)
         for x, labels in over.items():
             ax.annotate(
                 "\n".join(labels),
