@@ -4,7 +4,7 @@ and how fast evaluation is (batched, unbatched, plain HF ``generate``).
 Measured in this run (the parts):
 - ``calibrate``: the calibrate stage, ``pipeline.calibrate`` (load model and data, Hessians of
   every Linear over the calibration split, save the verified Hessian set);
-- ``load_hessians``: ``open_hessians`` + ``preload_hessians`` (sha256-verified load);
+- ``load_hessians``: ``reusable_hessians`` (every H sha256-verified and loaded once);
 - ``prune[m]``: ``prune_layers`` of every target layer at 50% for each method m of the grid;
 - ``evaluate``: WER of one pruned point (sparsegpt at 50%; the first method when sparsegpt
   is not in the grid) on the evaluation clips, as the sweep does it (``evaluate_model``,
@@ -115,8 +115,7 @@ def main() -> None:
 
         targets = pipeline.targets_for(model, p)
         t0 = time.perf_counter()
-        manifest, _ = pipeline.open_hessians(p, tmp, model, targets)
-        hessians = pipeline.preload_hessians(tmp, manifest, targets)
+        _, get_hessian = pipeline.reusable_hessians(p, tmp, model, targets)
         parts["load_hessians"] = time.perf_counter() - t0
         print(f"  load Hessians: {parts['load_hessians']:.1f} s", flush=True)
 
@@ -153,7 +152,7 @@ def main() -> None:
                     lambda m=m: prune_layers(
                         model,
                         targets,
-                        hessians.__getitem__,
+                        get_hessian,
                         method=m,
                         sparsity=0.5,
                         progress=False,

@@ -27,6 +27,7 @@ OUT = REPO / "metrics" / "bench"
 # name -> (script, modest default arguments)
 BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "calibration": ("bench_calibration.py", []),
+    "memory": ("bench_memory.py", []),
     # exact OBS takes ~15+ min per pattern on tiny.en on 2 busy cores: cap it, extrapolate the rest
     "prune": ("bench_prune.py", ["--budget-seconds", "300"]),
     "sweep_economics": ("bench_sweep_economics.py", []),
@@ -69,7 +70,7 @@ def main() -> None:
         if name == "quality" and args.full_quality:
             extra = []
         cmd = [sys.executable, str(HERE / script), "--device", args.device, *extra]
-        if args.model and name not in ("scaling",):
+        if args.model and name not in ("scaling", "memory"):
             cmd += ["--model", args.model]
         print(f"\n=== {name}: {' '.join(cmd)}", flush=True)
         if args.dry_run:

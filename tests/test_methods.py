@@ -222,15 +222,26 @@ def test_allocation_keeps_weighted_mean():
         W = W * (i + 1)
         layers[f"l{i}"] = (W, H)
     sizes = {k: v[0].numel() for k, v in layers.items()}
+    weights = {k: v[0] for k, v in layers.items()}
+    asked: list[str] = []
+
+    def get_hessian(name: str) -> torch.Tensor:
+        asked.append(name)
+        return layers[name][1]
+
     for allocation in ("global", "owl"):
         for method in ("magnitude", "diagonal", "sparsegpt"):
             if allocation == "owl" and method != "sparsegpt":
                 continue
-            alloc = allocate_sparsity(layers, 0.5, allocation=allocation, method=method)
+            asked.clear()
+            alloc = allocate_sparsity(
+                weights, 0.5, get_hessian, allocation=allocation, method=method
+            )
+            assert asked == ([] if method == "magnitude" else list(layers))  # each H asked for once
             mean = sum(alloc[k] * sizes[k] for k in alloc) / sum(sizes.values())
             assert mean == pytest.approx(0.5, abs=2e-3), (allocation, method)
             assert all(0 <= v < 1 for v in alloc.values())
-    assert allocate_sparsity(layers, 0.4) == dict.fromkeys(layers, 0.4)
+    assert allocate_sparsity(weights, 0.4) == dict.fromkeys(layers, 0.4)
 
 
 def test_select_targets():

@@ -74,6 +74,8 @@ def test_repo_params_are_valid():
         ({"model.device": "tpu"}, "model.device"),
         ({"prune.sparsty": 0.5}, "unknown key 'prune.sparsty'"),
         ({"evaluate.batch_size": 0}, "evaluate.batch_size"),
+        ({"calibrate.max_hessian_mb": -1}, r"calibrate.max_hessian_mb = -1 must be a number >= 0"),
+        ({"calibrate.max_hessian_mb": "2G"}, "calibrate.max_hessian_mb"),
     ],
 )
 def test_bad_params_name_the_key(tmp_path, over, message):

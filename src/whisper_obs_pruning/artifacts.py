@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -169,6 +170,57 @@ def model_fingerprint(model: torch.nn.Module, layer_names: list[str]) -> str:
 
 
 # ------------------------------------------------------------------ Hessian sets
+class HessianSetWriter:
+    """Writes a Hessian set one distinct input at a time, so a calibration never has to hold
+    all of them: each ``add`` goes straight to its own verified file; ``finish`` writes the
+    manifest, which readers require. Use through ``hessian_set_writer``."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.files: dict[str, dict] = {}
+        self.manifest: dict | None = None
+
+    def add(self, name: str, H: torch.Tensor, n_samples: int) -> None:
+        """Save the H of ``name``, the leader of the layers that read the same input."""
+        if name in self.files:
+            raise ArtifactError(f"Hessian of layer {name!r} was written twice")
+        if not torch.isfinite(H).all():
+            raise ArtifactError(f"Hessian of layer {name!r} has NaN/Inf; not saving it")
+        fname = f"{len(self.files):03d}_{name.replace('.', '_')}.safetensors"
+        digest = save_tensors_atomic(
+            self.directory / fname, {"H": H.to(torch.float64).cpu()}, {"layer": name}
+        )
+        self.files[name] = {
+            "file": fname,
+            "sha256": digest,
+            "shape": list(H.shape),
+            "dtype": "float64",
+            "n_samples": int(n_samples),
+        }
+
+    def finish(self, shared_with: dict[str, str], meta: dict) -> dict:
+        """Write the manifest (``shared_with`` maps every other layer to its leader)."""
+        missing = sorted({lead for lead in shared_with.values() if lead not in self.files})
+        if missing:
+            raise ArtifactError(f"layers share the input of {missing}, whose Hessian was not saved")
+        layers = {name: {**info, "shared_with": None} for name, info in self.files.items()}
+        for name, leader in shared_with.items():
+            layers[name] = {**self.files[leader], "shared_with": leader}
+        self.manifest = {"format_version": FORMAT_VERSION, **meta, "layers": layers}
+        write_json_atomic(self.directory / MANIFEST, self.manifest)
+        return self.manifest
+
+
+@contextmanager
+def hessian_set_writer(out_dir: str | Path) -> Iterator[HessianSetWriter]:
+    """A writer into a temporary directory that replaces ``out_dir`` only once it is finished."""
+    with atomic_directory(out_dir) as tmp:
+        writer = HessianSetWriter(tmp)
+        yield writer
+        if writer.manifest is None:
+            raise ArtifactError(f"Hessian set for {out_dir} was not finished; nothing replaced")
+
+
 def save_hessian_set(
     out_dir: str | Path,
     hessians: dict[str, torch.Tensor],
@@ -176,35 +228,11 @@ def save_hessian_set(
     shared_with: dict[str, str],
     meta: dict,
 ) -> dict:
-    """Write one file per distinct Hessian (shared inputs stored once) and the manifest.
-
-    ``hessians`` maps leader layer names to H (float64); ``shared_with`` maps every other layer
-    to its leader. Returns the manifest.
-    """
-    layers: dict[str, dict] = {}
-    with atomic_directory(out_dir) as tmp:
-        files: dict[str, dict] = {}
-        for i, (name, H) in enumerate(hessians.items()):
-            if not torch.isfinite(H).all():
-                raise ArtifactError(f"Hessian of layer {name!r} has NaN/Inf; not saving it")
-            fname = f"{i:03d}_{name.replace('.', '_')}.safetensors"
-            digest = save_tensors_atomic(
-                tmp / fname, {"H": H.to(torch.float64).cpu()}, {"layer": name}
-            )
-            files[name] = {
-                "file": fname,
-                "sha256": digest,
-                "shape": list(H.shape),
-                "dtype": "float64",
-                "n_samples": int(n_samples[name]),
-            }
-        for name, info in files.items():
-            layers[name] = {**info, "shared_with": None}
-        for name, leader in shared_with.items():
-            layers[name] = {**files[leader], "shared_with": leader}
-        manifest = {"format_version": FORMAT_VERSION, **meta, "layers": layers}
-        write_json_atomic(tmp / MANIFEST, manifest)
-    return manifest
+    """Write Hessians already in memory (leader name -> H float64) as a set; return the manifest."""
+    with hessian_set_writer(out_dir) as writer:
+        for name, H in hessians.items():
+            writer.add(name, H, n_samples[name])
+        return writer.finish(shared_with, meta)
 
 
 def read_manifest(path: str | Path) -> dict:
@@ -222,6 +250,12 @@ def read_manifest(path: str | Path) -> dict:
     if manifest.get("format_version") != FORMAT_VERSION or "layers" not in manifest:
         raise ArtifactError(f"{mpath} is not a whisper-obs Hessian manifest (format_version 1)")
     return manifest
+
+
+def hessian_set_bytes(manifest: dict) -> int:
+    """Bytes of all distinct Hessians of a set once loaded (float64; shared ones counted once)."""
+    distinct = {e["file"]: e["shape"] for e in manifest["layers"].values()}
+    return sum(8 * math.prod(shape) for shape in distinct.values())
 
 
 def check_hessian_set(

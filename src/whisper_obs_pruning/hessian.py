@@ -72,12 +72,20 @@ def row_mask_kind(name: str) -> str:
     return "decoder"
 
 
+class StopForward(Exception):
+    """Raised by a collector hook once its last layer's input is in: the rest of the forward
+    pass would only compute outputs nobody reads (see ``HessianCollector(stop_after=...)``)."""
+
+
 class HessianCollector:
     """Context manager that hooks Linears and accumulates their input Hessians.
 
     ``row_masks`` is set by the caller before each forward pass: a dict
     ``{"encoder": bool[B, T_enc], "decoder": bool[B, T_dec]}``; with no mask every row counts
     (e.g. hook passes a library user makes through ``model.generate``).
+
+    ``stop_after``: a layer name; once its input is accumulated, the hook raises
+    ``StopForward`` so a pass collecting only the first layers of the model ends early.
     """
 
     def __init__(
@@ -86,10 +94,14 @@ class HessianCollector:
         *,
         diagonal: bool = False,
         device: torch.device | str = "cpu",
+        stop_after: str | None = None,
     ) -> None:
+        if stop_after is not None and stop_after not in layers:
+            raise ValueError(f"stop_after={stop_after!r} is not one of the hooked layers")
         self.layers = layers
         self.diagonal = diagonal
         self.device = torch.device(device)
+        self.stop_after = stop_after
         self.stats: dict[str, LayerHessian] = {}
         self.shared_with: dict[str, str] = {}  # layer -> layer whose statistic it shares
         self.row_masks: dict[str, torch.Tensor] | None = None
@@ -123,6 +135,8 @@ class HessianCollector:
     def _make_hook(self, name: str):
         def hook(module: nn.Module, args: tuple) -> None:
             self._accumulate(name, args[0])
+            if name == self.stop_after:
+                raise StopForward
 
         return hook
 

@@ -24,7 +24,12 @@ DEFAULTS: dict[str, Any] = {
         "calibration": {"source": "embedded", "split": "calibration", "max_samples": None},
         "evaluation": {"source": "embedded", "split": "evaluation", "max_samples": None},
     },
-    "calibrate": {"hessian": "full", "exclude_padding": False, "batch_size": 8},
+    "calibrate": {
+        "hessian": "full",
+        "exclude_padding": False,
+        "batch_size": 8,
+        "max_hessian_mb": 2048,
+    },
     "prune": {
         "method": "obs",
         "sparsity": 0.5,
@@ -138,6 +143,13 @@ def validate(p: dict) -> None:
     _choice("calibrate.hessian", p["calibrate"]["hessian"], ("full", "diagonal"))
     _choice("calibrate.exclude_padding", p["calibrate"]["exclude_padding"], (True, False))
     _positive_int("calibrate.batch_size", p["calibrate"]["batch_size"])
+    mb = p["calibrate"]["max_hessian_mb"]
+    if mb is not None and (
+        isinstance(mb, bool) or not isinstance(mb, (int, float)) or math.isnan(mb) or mb < 0
+    ):
+        raise ParamsError(
+            f"calibrate.max_hessian_mb = {mb!r} must be a number >= 0 (MiB) or null (no limit)"
+        )
     pr = p["prune"]
     _choice("prune.method", pr["method"], METHODS)
     _sparsity("prune.sparsity", pr["sparsity"])

@@ -19,17 +19,18 @@ from . import tracking
 from .artifacts import (
     atomic_directory,
     check_hessian_set,
+    hessian_set_bytes,
+    hessian_set_writer,
     load_hessian,
     model_fingerprint,
-    save_hessian_set,
     save_tensors_atomic,
     write_json_atomic,
 )
-from .calibration import run_calibration
+from .calibration import calibrate_in_passes
 from .data import LoadResult, load_utterances
 from .evaluate import evaluate_model, write_rows_csv
 from .export import save_sparse, sparse_size_report
-from .hessian import HessianCollector, linear_layers
+from .hessian import linear_layers
 from .methods import NEEDS_HESSIAN, parse_pattern, pattern_name
 from .models import decoder_prompt_ids, load_whisper
 from .params import flatten
@@ -59,49 +60,59 @@ def targets_for(model: torch.nn.Module, p: dict) -> list[str]:
 
 
 # ------------------------------------------------------------------ calibrate
+def max_hessian_bytes(p: dict) -> int | None:
+    """``calibrate.max_hessian_mb`` in bytes (None: no limit)."""
+    mb = p["calibrate"]["max_hessian_mb"]
+    return None if mb is None else int(mb * 2**20)
+
+
 def calibrate(p: dict, out_dir: str | Path, *, progress: bool = True) -> dict:
-    """Hessians of every Linear on the calibration split, saved as a verified artifact set."""
+    """Hessians of every Linear on the calibration split, streamed to a verified artifact set.
+
+    At most ``calibrate.max_hessian_mb`` of accumulators are held at once: the layers are
+    calibrated in as many passes as that needs, each block written to disk before the next.
+    """
     seed_everything(p["seed"])
     model, processor = load_whisper(p["model"]["id"], device=p["model"]["device"])
     data = load_split(p, "calibration")
     layers = linear_layers(model)
-    diagonal = p["calibrate"]["hessian"] == "diagonal"
     t0 = time.perf_counter()
-    device = next(model.parameters()).device  # accumulate where the activations are
-    with HessianCollector(layers, diagonal=diagonal, device=device) as collector:
-        counts = run_calibration(
+    with hessian_set_writer(out_dir) as writer:
+        counts, layout = calibrate_in_passes(
             model,
             processor,
             data.utterances,
-            collector,
+            layers,
             decoder_prompt_ids(model, processor, language=p["model"]["language"]),
+            lambda name, stat: writer.add(name, stat.hessian(), stat.n_samples),
+            diagonal=p["calibrate"]["hessian"] == "diagonal",
+            max_bytes=max_hessian_bytes(p),
             batch_size=p["calibrate"]["batch_size"],
             exclude_padding=p["calibrate"]["exclude_padding"],
             progress=progress,
         )
+        passes, peak = counts.pop("passes"), counts.pop("peak_accumulator_bytes")
+        manifest = writer.finish(
+            layout.shared_with,
+            {
+                "model_id": p["model"]["id"],
+                "model_fingerprint": model_fingerprint(model, list(layers)),
+                "hessian": p["calibrate"]["hessian"],
+                "exclude_padding": p["calibrate"]["exclude_padding"],
+                "calibration": {**p["data"]["calibration"], **counts, "skipped": len(data.skipped)},
+            },
+        )
     seconds = time.perf_counter() - t0
-    leaders = {n: s for n, s in collector.stats.items()}
-    manifest = save_hessian_set(
-        out_dir,
-        {n: s.hessian() for n, s in leaders.items()},
-        {n: s.n_samples for n, s in leaders.items()},
-        dict(collector.shared_with),
-        {
-            "model_id": p["model"]["id"],
-            "model_fingerprint": model_fingerprint(model, list(layers)),
-            "hessian": p["calibrate"]["hessian"],
-            "exclude_padding": p["calibrate"]["exclude_padding"],
-            "calibration": {**p["data"]["calibration"], **counts, "skipped": len(data.skipped)},
-        },
-    )
-    metrics = {
+    return {
         **counts,
         "skipped_utterances": len(data.skipped),
         "layers": len(manifest["layers"]),
-        "distinct_hessians": len(leaders),
+        "distinct_hessians": len(layout.dims),
+        "hessians_mb": round(hessian_set_bytes(manifest) / 2**20, 1),
+        "passes": passes,
+        "peak_accumulator_mb": round(peak / 2**20, 1),
         "seconds": round(seconds, 2),
     }
-    return metrics
 
 
 def open_hessians(p: dict, hessian_dir: str | Path, model: torch.nn.Module, targets: list[str]):
@@ -121,16 +132,20 @@ def open_hessians(p: dict, hessian_dir: str | Path, model: torch.nn.Module, targ
     return manifest, get
 
 
-def preload_hessians(hessian_dir, manifest: dict, targets: list[str]) -> dict[str, torch.Tensor]:
-    """Load (and verify) every target's H once, sharing tensors between layers with one input."""
+def reusable_hessians(p: dict, hessian_dir: str | Path, model: torch.nn.Module, targets: list[str]):
+    """For callers that prune many times (the sweep): every target's H loaded and verified once
+    when the set fits in ``calibrate.max_hessian_mb``, else read from disk one at a time."""
+    manifest, load_one = open_hessians(p, hessian_dir, model, targets)
+    budget = max_hessian_bytes(p)
+    if budget is not None and hessian_set_bytes(manifest) > budget:
+        log.info("Hessians exceed calibrate.max_hessian_mb: reading them per layer, per point")
+        return manifest, load_one
     by_file: dict[str, torch.Tensor] = {}
-    out = {}
     for name in targets:
         f = manifest["layers"][name]["file"]
         if f not in by_file:
             by_file[f] = load_hessian(hessian_dir, manifest, name)
-        out[name] = by_file[f]
-    return out
+    return manifest, lambda name: by_file[manifest["layers"][name]["file"]]
 
 
 # ------------------------------------------------------------------ prune
@@ -282,5 +297,5 @@ __all__ = [
     "save_metrics",
     "write_rows_csv",
     "open_hessians",
-    "preload_hessians",
+    "reusable_hessians",
 ]

@@ -87,8 +87,9 @@ def saliency(method: str, W: torch.Tensor, H: torch.Tensor | None, rel_damp: flo
 
 
 def allocate_sparsity(
-    layers: dict[str, tuple[torch.Tensor, torch.Tensor | None]],
+    weights: dict[str, torch.Tensor],
     sparsity: float,
+    get_hessian: Callable[[str], torch.Tensor | None] = lambda name: None,
     *,
     allocation: str = "uniform",
     method: str = "sparsegpt",
@@ -104,10 +105,13 @@ def allocate_sparsity(
       divided by their layer mean (otherwise scale differences between layers decide).
     - ``owl``: outlier-weighted (OWL, Yin et al. 2023): layers with more outliers of the
       Wanda metric |w|*||x|| (> owl_m x layer mean) get lower sparsity, within +-owl_lambda.
+
+    Hessians are asked for one layer at a time (``get_hessian``), so a caller reading them
+    from disk never holds more than one.
     """
     sparsity = check_sparsity(sparsity)
-    names = list(layers)
-    sizes = torch.tensor([layers[n][0].numel() for n in names], dtype=torch.float64)
+    names = list(weights)
+    sizes = torch.tensor([weights[n].numel() for n in names], dtype=torch.float64)
     if allocation == "uniform" or sparsity == 0.0:
         if allocation not in ALLOCATIONS:
             raise PruningError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
@@ -115,8 +119,8 @@ def allocate_sparsity(
     if allocation == "global":
         sorted_scores = []
         for n in names:
-            W, H = layers[n]
-            s = saliency(method, W, H, rel_damp).flatten()
+            H = get_hessian(n) if method != "magnitude" else None
+            s = saliency(method, weights[n], H, rel_damp).flatten()
             sorted_scores.append(torch.sort(s / s.mean().clamp_min(1e-30)).values)
         total = round(sparsity * float(sizes.sum()))
         lo, hi = 0.0, max(float(s[-1]) for s in sorted_scores)
@@ -130,11 +134,11 @@ def allocate_sparsity(
     elif allocation == "owl":
         ratios = []
         for n in names:
-            W, H = layers[n]
+            H = get_hessian(n)
             if H is None:
                 raise PruningError("owl allocation needs Hessians (input norms)")
             diag = H if H.dim() == 1 else torch.diagonal(H)
-            metric = W.detach().abs().to(torch.float64) * diag.clamp_min(0).sqrt()[None, :]
+            metric = weights[n].detach().abs().to(torch.float64) * diag.clamp_min(0).sqrt()[None, :]
             ratios.append(float((metric > owl_m * metric.mean()).double().mean()))
         D = torch.tensor(ratios, dtype=torch.float64)
         span = float(D.max() - D.min())
@@ -187,8 +191,9 @@ def prune_layers(
         per_layer = dict.fromkeys(targets, sparsity if pat is None else 0.0)
     else:
         per_layer = allocate_sparsity(
-            {n: (modules[n].weight, get_hessian(n) if needs_h else None) for n in targets},
+            {n: modules[n].weight for n in targets},
             sparsity,
+            get_hessian if needs_h else (lambda name: None),
             allocation=allocation,
             method=method,
             rel_damp=rel_damp,

@@ -23,9 +23,8 @@ from .params import flatten
 from .pipeline import (
     evaluate_on,
     load_split,
-    open_hessians,
-    preload_hessians,
     prune_kwargs,
+    reusable_hessians,
     seed_everything,
     targets_for,
 )
@@ -96,8 +95,7 @@ def run_sweep(
     out_dir, state_dir = Path(out_dir), Path(state_dir)
     model, processor = load_whisper(p["model"]["id"], device=p["model"]["device"])
     targets = targets_for(model, p)
-    manifest, _ = open_hessians(p, hessian_dir, model, targets)
-    hessians = preload_hessians(hessian_dir, manifest, targets)
+    manifest, get_hessian = reusable_hessians(p, hessian_dir, model, targets)
     modules = dict(model.named_modules())
     dense = {n: modules[n].weight.data.clone() for n in targets}
     data = load_split(p, "evaluation")
@@ -154,7 +152,7 @@ def run_sweep(
             prune_layers(
                 model,
                 targets,
-                hessians.__getitem__,
+                get_hessian,
                 method=point["method"],
                 sparsity=point["target_sparsity"],
                 pattern=point["pattern"],
