@@ -16,7 +16,9 @@ from whisper_obs_pruning.artifacts import (
     hessian_set_writer,
     read_manifest,
 )
-from whisper_obs_pruning.calibration import hessian_nbytes, plan_passes
+from whisper_obs_pruning.calibration import calibrate_in_passes, hessian_nbytes, plan_passes
+from whisper_obs_pruning.hessian import linear_layers
+from whisper_obs_pruning.models import decoder_prompt_ids
 from whisper_obs_pruning.params import load_params
 from whisper_obs_pruning.pruning import prune_layers
 
@@ -105,3 +107,34 @@ def test_unfinished_or_failed_writer_keeps_the_old_set(tmp_path):
     manifest = read_manifest(out)
     assert manifest["model_id"] == "old" and manifest["layers"]["b"]["shared_with"] == "a"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]  # no temp dirs left
+
+
+def test_decoder_passes_reuse_the_cached_encoder_output(tiny, calib_utts):
+    """After the first pass that reaches the decoder, passes do not run the encoder again."""
+    model, processor = tiny
+    layers = linear_layers(model)
+    prompt = decoder_prompt_ids(model, processor, language="en")
+    runs: list[int] = []
+    handle = model.get_encoder().register_forward_hook(lambda *_: runs.append(1))
+    got: dict[str, torch.Tensor] = {}
+    try:
+        counts, layout = calibrate_in_passes(
+            model,
+            processor,
+            calib_utts[:2],
+            layers,
+            prompt,
+            lambda name, stat: got.setdefault(name, stat.hessian()),
+            max_bytes=8 * MiB,
+            batch_size=2,
+            progress=False,
+        )
+    finally:
+        handle.remove()
+    encoder_side = [n for n in layout.dims if n.startswith("model.encoder.")]
+    assert counts["passes"] > 8 and len(got) == len(layout.dims) == 42
+    # completed encoder runs: the probe, and the first pass that reaches the decoder; the
+    # passes over encoder layers stop inside the encoder, the later ones read the cache
+    assert len(runs) == 2, (len(runs), len(encoder_side))
+    H = got["model.decoder.layers.3.fc2"]
+    assert H.shape == (1536, 1536) and torch.isfinite(H).all() and float(H.trace()) > 0

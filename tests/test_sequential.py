@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from whisper_obs_pruning.calibration import run_calibration
@@ -20,7 +21,8 @@ TARGETS = [
 ]
 
 
-def test_sequential_matches_oneshot_first_layer_only(tiny, calib_utts):
+@pytest.mark.parametrize("method", ["sparsegpt", "obs"])
+def test_sequential_matches_oneshot_first_layer_only(tiny, calib_utts, method):
     base, processor = tiny
     utts = calib_utts[:3]
     prompt = decoder_prompt_ids(base, processor)
@@ -29,7 +31,7 @@ def test_sequential_matches_oneshot_first_layer_only(tiny, calib_utts):
     with HessianCollector(linear_layers(oneshot)) as col:
         run_calibration(oneshot, processor, utts, col, prompt, batch_size=2, progress=False)
     hs = {n: s.hessian() for n, s in col.hessians(TARGETS).items()}
-    prune_layers(oneshot, TARGETS, hs.__getitem__, method="sparsegpt", sparsity=0.5, progress=False)
+    prune_layers(oneshot, TARGETS, hs.__getitem__, method=method, sparsity=0.5, progress=False)
 
     seq = copy.deepcopy(base)
     report = prune_sequential(
@@ -38,7 +40,7 @@ def test_sequential_matches_oneshot_first_layer_only(tiny, calib_utts):
         utts,
         TARGETS,
         prompt,
-        method="sparsegpt",
+        method=method,
         sparsity=0.5,
         batch_size=2,
         progress=False,

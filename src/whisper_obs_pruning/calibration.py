@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -90,28 +92,78 @@ def run_calibration(
     exclude_padding: bool = False,
     progress: bool = True,
     desc: str = "calibrate",
+    encoder_cache: EncoderOutputCache | None = None,
 ) -> dict:
-    """Run every utterance through the model once, teacher-forced; return counts."""
+    """Run every utterance through the model once, teacher-forced; return counts.
+
+    ``encoder_cache``: when complete, the decoder reads the cached encoder output instead of
+    running the encoder; otherwise this pass fills it.
+    """
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    n_tokens = n_frames = 0
+    n_tokens = n_frames = n_batches = 0
+    reading = encoder_cache is not None and encoder_cache.complete
+    writing = encoder_cache is not None and not reading
+    handle = None
+    if writing:
+        handle = model.get_encoder().register_forward_hook(
+            lambda module, args, out: encoder_cache.save(n_batches, out[0])
+        )
     bar = tqdm(total=len(utterances), desc=desc, unit="utt", disable=not progress)
-    for feats, dec, masks in teacher_forced_batches(
-        utterances, processor, prompt, batch_size, exclude_padding=exclude_padding
-    ):
-        collector.new_batch({k: v.to(device) for k, v in masks.items()})
-        with contextlib.suppress(StopForward):  # raised once the collector has all it wants
-            model(
-                input_features=feats.to(device, dtype),
-                decoder_input_ids=dec.to(device),
-                use_cache=False,
+    try:
+        for feats, dec, masks in teacher_forced_batches(
+            utterances, processor, prompt, batch_size, exclude_padding=exclude_padding
+        ):
+            collector.new_batch({k: v.to(device) for k, v in masks.items()})
+            inputs = (
+                {"encoder_outputs": (encoder_cache.load(n_batches).to(device, dtype),)}
+                if reading
+                else {"input_features": feats.to(device, dtype)}
             )
-        n_tokens += int(masks["decoder"].sum())
-        n_frames += int(masks["encoder"].sum()) if "encoder" in masks else feats.shape[0] * 1500
-        bar.update(feats.shape[0])
-    bar.close()
-    collector.new_batch(None)
+            with contextlib.suppress(StopForward):  # raised once the collector has all it wants
+                model(**inputs, decoder_input_ids=dec.to(device), use_cache=False)
+            n_batches += 1
+            n_tokens += int(masks["decoder"].sum())
+            n_frames += int(masks["encoder"].sum()) if "encoder" in masks else len(feats) * 1500
+            bar.update(feats.shape[0])
+    finally:
+        if handle is not None:
+            handle.remove()
+        bar.close()
+        collector.new_batch(None)
+    if writing:
+        encoder_cache.complete = len(encoder_cache) == n_batches
     return {"utterances": len(utterances), "decoder_tokens": n_tokens, "encoder_frames": n_frames}
+
+
+class EncoderOutputCache:
+    """The encoder's output for each calibration batch, in a temporary directory on disk.
+
+    Why: a calibration pass over decoder layers only needs the encoder's output, which is the
+    same in every pass; recomputing it (1500 frames per clip) is most of such a pass's cost,
+    and holding it in memory would cost clips x 1500 x d_model floats beside the budget.
+    """
+
+    def __init__(self) -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix="whisper-obs-encoder-")
+        self._saved: set[int] = set()
+        self.complete = False
+
+    def _path(self, batch: int) -> Path:
+        return Path(self._dir.name) / f"{batch:06d}.pt"
+
+    def save(self, batch: int, hidden: torch.Tensor) -> None:
+        torch.save(hidden.detach().cpu().contiguous(), self._path(batch))
+        self._saved.add(batch)
+
+    def load(self, batch: int) -> torch.Tensor:
+        return torch.load(self._path(batch), weights_only=True)
+
+    def __len__(self) -> int:
+        return len(self._saved)
+
+    def close(self) -> None:
+        self._dir.cleanup()
 
 
 # ------------------------------------------------------------------ bounded-memory passes
@@ -179,31 +231,48 @@ def calibrate_in_passes(
 
     Returns the calibration counts (plus ``passes`` and ``peak_accumulator_bytes``) and the
     input layout (``shared_with`` says which layers reuse which leader's Hessian).
+
+    Passes over decoder layers only read the encoder's output from an on-disk cache filled by
+    the first pass that runs the whole encoder (``EncoderOutputCache``).
     """
     if not utterances:
         raise ValueError("calibration needs at least one utterance")
     device = next(model.parameters()).device
     layout = discover_inputs(model, processor, utterances[0], layers, prompt)
     blocks = plan_passes(layout.dims, max_bytes, diagonal=diagonal)
+    # The encoder runs before any decoder layer, so every block after the first one that
+    # reaches the decoder is decoder-only: that first one fills the cache, the rest read it.
+    in_encoder = {id(m) for m in model.get_encoder().modules()}
+    reaches_decoder = [any(id(layers[n]) not in in_encoder for n in b) for b in blocks]
+    first_decoder = reaches_decoder.index(True) if True in reaches_decoder else len(blocks)
+    cache = EncoderOutputCache() if first_decoder < len(blocks) - 1 else None
     counts: dict = {}
-    for i, block in enumerate(blocks):
-        hooked = {name: layers[name] for name in block}
-        with HessianCollector(hooked, diagonal=diagonal, device=device, stop_after=block[-1]) as c:
-            counts = run_calibration(
-                model,
-                processor,
-                utterances,
-                c,
-                prompt,
-                batch_size=batch_size,
-                exclude_padding=exclude_padding,
-                progress=progress,
-                desc=f"calibrate pass {i + 1}/{len(blocks)}" if len(blocks) > 1 else "calibrate",
-            )
-        for name in block:
-            stat = c.stats.pop(name, None)
-            if stat is None:
-                raise RuntimeError(f"layer {name!r} saw no input during calibration pass {i + 1}")
-            sink(name, stat)
+    try:
+        for i, block in enumerate(blocks):
+            hooked = {name: layers[name] for name in block}
+            col = HessianCollector(hooked, diagonal=diagonal, device=device, stop_after=block[-1])
+            with col:
+                counts = run_calibration(
+                    model,
+                    processor,
+                    utterances,
+                    col,
+                    prompt,
+                    batch_size=batch_size,
+                    exclude_padding=exclude_padding,
+                    progress=progress,
+                    desc=f"calibrate pass {i + 1}/{len(blocks)}"
+                    if len(blocks) > 1
+                    else "calibrate",
+                    encoder_cache=cache if i >= first_decoder else None,
+                )
+            for name in block:
+                stat = col.stats.pop(name, None)
+                if stat is None:
+                    raise RuntimeError(f"layer {name!r} saw no input in calibration pass {i + 1}")
+                sink(name, stat)
+    finally:
+        if cache is not None:
+            cache.close()
     peak = max(sum(hessian_nbytes(layout.dims[n], diagonal=diagonal) for n in b) for b in blocks)
     return {**counts, "passes": len(blocks), "peak_accumulator_bytes": peak}, layout

@@ -91,15 +91,20 @@ def prune_obs(
     workers = max(1, min(workers or available_threads(), len(batches)))
     floor = float(torch.diagonal(Hinv0).max()) * 1e-12  # clamp for pivots: never divide by ~0
 
+    # Inference mode is per thread: under the caller's (e.g. sequential calibration) Wout and
+    # mask are inference tensors, which worker threads may only update in inference mode too.
+    inference = torch.is_inference_mode_enabled()
+
     def run(worker: int) -> None:
-        buffers = (
-            torch.empty(row_batch, setsize, cols, dtype=dtype),  # working-set rows of H^-1
-            torch.empty(row_batch, steps, cols, dtype=dtype),  # F: the downdate u of every step
-        )
-        for r1, r2 in batches[worker::workers]:
-            _obs_rows(
-                Wout[r1:r2], mask[r1:r2], Hinv0, counts[r1:r2], pattern, buffers, block, floor
+        with torch.inference_mode(inference):
+            buffers = (
+                torch.empty(row_batch, setsize, cols, dtype=dtype),  # working-set rows of H^-1
+                torch.empty(row_batch, steps, cols, dtype=dtype),  # F: the downdate u per step
             )
+            for r1, r2 in batches[worker::workers]:
+                _obs_rows(
+                    Wout[r1:r2], mask[r1:r2], Hinv0, counts[r1:r2], pattern, buffers, block, floor
+                )
 
     with single_thread():  # set once here: each worker's ops then run on one core
         if workers == 1:
