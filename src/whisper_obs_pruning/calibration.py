@@ -274,5 +274,6 @@ def calibrate_in_passes(
     finally:
         if cache is not None:
             cache.close()
-    peak = max(sum(hessian_nbytes(layout.dims[n], diagonal=diagonal) for n in b) for b in blocks)
+    sizes = [sum(hessian_nbytes(layout.dims[n], diagonal=diagonal) for n in b) for b in blocks]
+    peak = max(sizes, default=0)
     return {**counts, "passes": len(blocks), "peak_accumulator_bytes": peak}, layout
