@@ -64,7 +64,11 @@ def worker(spec: dict) -> dict:
     import torch
 
     from whisper_obs_pruning.artifacts import hessian_set_bytes, hessian_set_writer
-    from whisper_obs_pruning.calibration import calibrate_in_passes, run_calibration
+    from whisper_obs_pruning.calibration import (
+        calibrate_in_passes,
+        hessian_nbytes,
+        run_calibration,
+    )
     from whisper_obs_pruning.data import load_utterances
     from whisper_obs_pruning.hessian import HessianCollector, linear_layers
     from whisper_obs_pruning.models import decoder_prompt_ids
@@ -102,7 +106,7 @@ def worker(spec: dict) -> dict:
                 passes=counts["passes"],
                 peak_accumulator_mb=round(counts["peak_accumulator_bytes"] / MiB, 1),
                 hessians_mb=round(hessian_set_bytes(manifest) / MiB, 1),
-                largest_mb=round(max(8 * d * d for d in layout.dims.values()) / MiB, 1),
+                largest_mb=round(max(map(hessian_nbytes, layout.dims.values())) / MiB, 1),
                 distinct_inputs=len(layout.dims),
                 linears=len(layers),
                 sha256={n: e["sha256"] for n, e in manifest["layers"].items()},

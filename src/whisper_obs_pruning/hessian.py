@@ -73,8 +73,8 @@ def row_mask_kind(name: str) -> str:
 
 
 class StopForward(Exception):
-    """Raised by a collector hook once its last layer's input is in: the rest of the forward
-    pass would only compute outputs nobody reads (see ``HessianCollector(stop_after=...)``)."""
+    """Raised by a hook once the input it wanted is in: the rest of the forward pass would only
+    compute outputs nobody reads (``HessianCollector(stop_after=...)``, sequential calibration)."""
 
 
 class HessianCollector:

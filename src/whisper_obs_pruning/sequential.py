@@ -23,12 +23,8 @@ from tqdm.auto import tqdm
 
 from .calibration import teacher_forced_batches
 from .data import Utterance
-from .hessian import HessianCollector
+from .hessian import HessianCollector, StopForward
 from .pruning import prune_layers
-
-
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass once the wanted input is captured."""
 
 
 def _first_layer_input(encoder: nn.Module, feats: torch.Tensor) -> torch.Tensor:
@@ -37,12 +33,12 @@ def _first_layer_input(encoder: nn.Module, feats: torch.Tensor) -> torch.Tensor:
 
     def hook(module, args):
         captured.append(args[0])
-        raise _Stop
+        raise StopForward
 
     handle = encoder.layers[0].register_forward_pre_hook(hook)
     try:
         encoder(feats)
-    except _Stop:
+    except StopForward:
         pass
     finally:
         handle.remove()
