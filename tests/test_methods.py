@@ -258,3 +258,13 @@ def test_select_targets():
         select_targets(names, ["model.encoder.layers.9.fc1"])
     with pytest.raises(PruningError, match="not a valid regex"):
         select_targets(names, ["(["])
+
+
+def test_diagonal_counts_dead_inputs_before_damping():
+    """Bug (issue 10): dead inputs were counted after damping, so always 0."""
+    torch.manual_seed(0)
+    W = torch.randn(8, 16)
+    H = torch.eye(16, dtype=torch.float64)
+    H[3, 3] = H[7, 7] = 0.0
+    result = prune_layer(W, H, method="diagonal", sparsity=0.5, rel_damp=0.01)
+    assert result.info["dead_inputs"] == 2

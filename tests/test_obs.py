@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from whisper_obs_pruning import obs
+from whisper_obs_pruning.methods import obs
 from whisper_obs_pruning.methods import inverse_hessian, per_row_counts, prune_layer
-from whisper_obs_pruning.obs import prune_obs
+from whisper_obs_pruning.methods.obs import prune_obs
 
 
 def reference_obs(W, H, counts, pattern=None, rel_damp=0.01):

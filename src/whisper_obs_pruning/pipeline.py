@@ -31,7 +31,7 @@ from .data import LoadResult, load_utterances
 from .evaluate import evaluate_model, write_rows_csv
 from .export import save_sparse, sparse_size_report
 from .hessian import linear_layers
-from .methods import NEEDS_HESSIAN, parse_pattern, pattern_name
+from .methods import get_method, parse_pattern, pattern_name
 from .models import decoder_prompt_ids, load_whisper
 from .params import flatten
 from .pruning import prune_layers, select_targets, weight_sparsity
@@ -184,7 +184,7 @@ def prune(p: dict, hessian_dir: str | Path, out_dir: str | Path, *, progress: bo
         )
     else:
         get_h = lambda name: None  # noqa: E731
-        if pr["method"] in NEEDS_HESSIAN or pr["allocation"] == "owl":
+        if get_method(pr["method"]).needs_hessian or pr["allocation"] == "owl":
             _, get_h = open_hessians(p, hessian_dir, model, targets)
         report = prune_layers(
             model,

@@ -25,6 +25,7 @@ from torch import nn
 from .calibration import run_calibration
 from .data import Utterance, load_utterances
 from .hessian import HessianCollector, linear_layers
+from .methods import get_method
 from .pruning import DEFAULT_EXCLUDE, prune_layers, select_targets
 
 log = logging.getLogger(__name__)
@@ -175,7 +176,7 @@ class WhisperOBSPruner:
         targets = select_targets(
             list(self.layers), target_layers, exclude if not target_layers else None
         )
-        if method != "magnitude":
+        if get_method(method).needs_hessian:
             missing = [n for n in targets if self.obs_data[n]["n_samples"] == 0]
             if missing:
                 raise RuntimeError(
@@ -239,11 +240,12 @@ def prune_whisper_model(
     progress: bool = True,
 ) -> nn.Module:
     """Calibrate on ``max_samples`` utterances, prune every Linear but proj_out, return model."""
+    statistic = get_method(method).statistic
     pruner = WhisperOBSPruner(
-        model, rel_damp=rel_damp, processor=processor, diagonal=method == "diagonal"
+        model, rel_damp=rel_damp, processor=processor, diagonal=statistic == "diagonal"
     )
     try:
-        if method != "magnitude":
+        if statistic != "none":
             pruner.accumulate_hessian(
                 max_samples=max_samples, utterances=utterances, progress=progress
             )

@@ -15,11 +15,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .methods import (
-    NEEDS_HESSIAN,
     Pattern,
     PruningError,
     check_sparsity,
-    inverse_hessian,
+    get_method,
     parse_pattern,
     pattern_name,
     prune_layer,
@@ -76,14 +75,7 @@ def select_targets(
 # ------------------------------------------------------------------ allocation
 def saliency(method: str, W: torch.Tensor, H: torch.Tensor | None, rel_damp: float) -> torch.Tensor:
     """The method's own per-weight importance (higher = keep), used for global allocation."""
-    W = W.detach().to(torch.float64)
-    if method == "magnitude" or H is None:
-        return W.abs()
-    diag = H if H.dim() == 1 else torch.diagonal(H)
-    if method == "diagonal" or H.dim() == 1:
-        return W**2 * (diag.clamp_min(0) + rel_damp * float(diag.mean()))[None, :]
-    Hinv, _ = inverse_hessian(H, rel_damp)
-    return W**2 / torch.diagonal(Hinv)[None, :]
+    return get_method(method).saliency(W, H, rel_damp)
 
 
 def allocate_sparsity(
@@ -119,7 +111,7 @@ def allocate_sparsity(
     if allocation == "global":
         sorted_scores = []
         for n in names:
-            H = get_hessian(n) if method != "magnitude" else None
+            H = get_hessian(n) if get_method(method).needs_hessian else None
             s = saliency(method, weights[n], H, rel_damp).flatten()
             sorted_scores.append(torch.sort(s / s.mean().clamp_min(1e-30)).values)
         total = round(sparsity * float(sizes.sum()))
@@ -186,7 +178,7 @@ def prune_layers(
     elif allocation != "uniform":
         raise PruningError("N:M patterns fix the sparsity per group; use allocation 'uniform'")
     modules = dict(model.named_modules())
-    needs_h = method in NEEDS_HESSIAN or allocation == "owl"
+    needs_h = get_method(method).needs_hessian or allocation == "owl"
     if allocation == "uniform" or pat is not None:
         per_layer = dict.fromkeys(targets, sparsity if pat is None else 0.0)
     else:
@@ -203,7 +195,7 @@ def prune_layers(
     for name in tqdm(targets, desc=f"prune {method} {pattern_name(pat)}", disable=not progress):
         layer = modules[name]
         W = layer.weight.data
-        H = get_hessian(name) if method in NEEDS_HESSIAN else None
+        H = get_hessian(name) if get_method(method).needs_hessian else None
         H = H.to(W.device) if H is not None else None  # prune where the model lives (CPU/GPU)
         t0 = time.perf_counter()
         result = prune_layer(

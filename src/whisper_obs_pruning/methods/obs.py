@@ -1,6 +1,6 @@
 """Exact greedy OBS (OBC's ExactOBS) for one layer, rows batched.
 
-Separate from ``methods.py`` because it is the one method whose cost needs engineering.
+The one method whose cost needs engineering; the math is the loop below.
 
 The algorithm, for each row w of W on its own (H^-1 starts as the damped inverse Hessian):
     repeat k times:  q = argmin over eligible j of  w_j^2 / [H^-1]_jj
@@ -38,6 +38,18 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from ._base import (
+    Method,
+    Pattern,
+    PruneResult,
+    available_threads,
+    check_nm,
+    inverse_hessian,
+    per_row_counts,
+    second_order_saliency,
+    single_thread,
+)
+
 
 def prune_obs(
     W: torch.Tensor,
@@ -68,7 +80,7 @@ def prune_obs(
     device = W.device
     W, H = W.cpu(), H.cpu()
     rows, cols = W.shape
-    _check_nm(cols, pattern)
+    check_nm(cols, pattern)
     with single_thread():  # two OpenMP threads on a busy machine made this 10x slower
         Hinv0, info = inverse_hessian(H, rel_damp)
     Hinv0 = Hinv0.to(dtype).contiguous()  # cholesky_inverse returns it column-major
@@ -276,14 +288,10 @@ def _compact(
     return c_new
 
 
-# Imported last: methods.py imports prune_obs from here at its end, so this module defines it
-# before it needs methods; either module may then be imported first.
-from .methods import (  # noqa: E402
-    Pattern,
-    PruneResult,
-    _check_nm,
-    available_threads,
-    inverse_hessian,
-    per_row_counts,
-    single_thread,
+METHOD = Method(
+    name="obs",
+    prune=prune_obs,
+    statistic="full",
+    saliency=second_order_saliency,
+    summary="exact greedy OBS per row, re-scored after every removal (OBC's ExactOBS; best)",
 )

@@ -1,4 +1,6 @@
-"""Pruning algorithms: pure functions of one layer's weight W and input Hessian H.
+"""What every pruning method shares: the descriptor, the result type, patterns, masks, H^-1.
+
+The methods themselves are pure functions of one layer's weight W and input Hessian H.
 
 Conventions used throughout:
 - ``W`` is ``[rows = outputs, cols = inputs]`` (``nn.Linear.weight``); ``H`` is ``[cols, cols]``,
@@ -23,15 +25,14 @@ import logging
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
 log = logging.getLogger(__name__)
 
 Pattern = tuple[int, int] | None
-METHODS = ("magnitude", "diagonal", "sparsegpt", "obs")
-SECOND_ORDER = ("sparsegpt", "obs")
-NEEDS_HESSIAN = ("diagonal", "sparsegpt", "obs")
+Statistic = Literal["none", "diagonal", "full"]
 
 
 class PruningError(ValueError):
@@ -88,7 +89,7 @@ def per_row_counts(rows: int, cols: int, sparsity: float) -> torch.Tensor:
     return (cum[1:] - cum[:-1]).clamp(0, cols)
 
 
-def _check_nm(cols: int, pattern: Pattern) -> None:
+def check_nm(cols: int, pattern: Pattern) -> None:
     if pattern is not None and cols % pattern[1] != 0:
         raise PruningError(
             f"pattern {pattern_name(pattern)} needs inputs divisible by M; got {cols}"
@@ -135,7 +136,7 @@ def mask_from_scores(
     mask = torch.zeros_like(scores, dtype=torch.bool)
     if pattern is not None:
         n, m = pattern
-        _check_nm(cols, pattern)
+        check_nm(cols, pattern)
         grouped = scores.reshape(rows, cols // m, m)
         idx = torch.topk(grouped, n, dim=-1, largest=False).indices
         return mask.reshape(rows, cols // m, m).scatter_(-1, idx, True).reshape(rows, cols)
@@ -209,153 +210,57 @@ def inverse_hessian(
     return torch.eye(H.shape[0], dtype=torch.float64, device=H.device), info
 
 
-# ---------------------------------------------------------------- the methods
-def prune_magnitude(
-    W: torch.Tensor,
-    H: torch.Tensor | None,
-    sparsity: float,
-    pattern: Pattern = None,
-    *,
-    scope: str = "row",
-    **_: object,
-) -> PruneResult:
-    """Baseline: remove the smallest |w|. H is ignored."""
-    mask = mask_from_scores(W.abs().float(), sparsity, pattern, scope)
-    return PruneResult(W.masked_fill(mask, 0), mask, {})
+# ---------------------------------------------------------------- the descriptor
+PruneFn = Callable[..., PruneResult]
+SaliencyFn = Callable[[torch.Tensor, "torch.Tensor | None", float], torch.Tensor]
 
 
-def prune_diagonal(
-    W: torch.Tensor,
-    H: torch.Tensor,
-    sparsity: float,
-    pattern: Pattern = None,
-    *,
-    rel_damp: float = 1e-4,
-    scope: str = "row",
-    **_: object,
-) -> PruneResult:
-    """The seed's diagonal OBS (= OBD; ranks like Wanda): score w^2 * H_jj, no compensation.
+@dataclass(frozen=True)
+class Method:
+    """One pruning method, as everything around it needs to know it.
 
-    With a diagonal H, [H^-1]_jj = 1/H_jj, so w^2 / [H^-1]_jj = w^2 H_jj. ``H`` may be the full
-    Hessian (its diagonal is used) or the diagonal vector itself.
+    Validation, allocation, the library API, the sweep, the benches and the docs read these
+    fields instead of keeping their own lists: adding a method is one module that builds a
+    ``Method`` plus one line in ``methods/__init__.py`` (or :func:`register` for a plug-in).
+    """
+
+    name: str
+    prune: PruneFn  # f(W, H, sparsity, pattern, **knobs) -> PruneResult
+    statistic: Statistic  # what it reads of the calibration: nothing, diag(H) or the full H
+    saliency: SaliencyFn  # per-weight importance (higher = keep), for global allocation
+    summary: str  # one line for docs and --help
+    patterns: frozenset[str] = frozenset({"unstructured", "n:m"})
+    scoped: bool = False  # honours scope = row | layer (score-threshold methods)
+
+    @property
+    def needs_hessian(self) -> bool:
+        return self.statistic != "none"
+
+    @property
+    def needs_full_hessian(self) -> bool:
+        return self.statistic == "full"
+
+    def supports(self, pattern: Pattern) -> bool:
+        return ("unstructured" if pattern is None else "n:m") in self.patterns
+
+
+def damped_diagonal(H: torch.Tensor, rel_damp: float) -> tuple[torch.Tensor, int]:
+    """diag(H) in float64, negatives clamped, plus ``rel_damp * mean``; and the dead-input count.
+
+    Dead inputs (``H_jj == 0``) are counted *before* damping: afterwards no entry is zero.
     """
     diag = H if H.dim() == 1 else torch.diagonal(H)
     diag = diag.to(torch.float64).clamp_min(0)
-    diag = diag + rel_damp * (float(diag.mean()) if diag.numel() else 0.0)
-    scores = W.to(torch.float64) ** 2 * diag[None, :]
-    mask = mask_from_scores(scores, sparsity, pattern, scope)
-    return PruneResult(W.masked_fill(mask, 0), mask, {"dead_inputs": int((diag == 0).sum())})
+    dead = int((diag == 0).sum())
+    return diag + rel_damp * (float(diag.mean()) if diag.numel() else 0.0), dead
 
 
-def prune_sparsegpt(
-    W: torch.Tensor,
-    H: torch.Tensor,
-    sparsity: float,
-    pattern: Pattern = None,
-    *,
-    rel_damp: float = 0.01,
-    blocksize: int = 128,
-    **_: object,
-) -> PruneResult:
-    """SparseGPT: OBS in a fixed column order via the Cholesky factor of H^-1.
-
-    Columns are processed in blocks; inside a block each column's pruning error is pushed onto
-    the block's later columns at once, and onto all later columns lazily, in one matrix product
-    per block. The unstructured mask is chosen per block from w^2 / U_jj^2 on the weights as
-    updated so far (adaptive mask selection); N:M masks per group of M at the group's first column.
-    """
-    rows, cols = W.shape
-    _check_nm(cols, pattern)
-    Hinv, info = inverse_hessian(H, rel_damp)
-    U = torch.linalg.cholesky(Hinv, upper=True).to(torch.float32)
-    Wf = W.detach().to(U.device, torch.float32).clone()
-    mask = torch.zeros(rows, cols, dtype=torch.bool, device=U.device)
-    total = round(sparsity * rows * cols)
-    _sparsegpt_blocks(Wf, U, mask, sparsity, pattern, blocksize, total)
-    Wf[mask] = 0
-    return PruneResult(Wf.to(W.dtype), mask, info)
-
-
-def _sparsegpt_blocks(
-    Wf: torch.Tensor,
-    U: torch.Tensor,
-    mask: torch.Tensor,
-    sparsity: float,
-    pattern: Pattern,
-    blocksize: int,
-    total: int,
-) -> None:
-    """The SparseGPT loop, in place on ``Wf`` and ``mask`` (see ``prune_sparsegpt``)."""
-    rows, cols = Wf.shape
-    for i1 in range(0, cols, blocksize):
-        i2 = min(i1 + blocksize, cols)
-        W1, U1 = Wf[:, i1:i2].clone(), U[i1:i2, i1:i2]
-        d1 = torch.diagonal(U1)
-        Err1 = torch.zeros_like(W1)
-        mask1 = torch.zeros_like(W1, dtype=torch.bool)
-        if pattern is None:
-            # Block's share of the exact layer total (cumulative rounding).
-            k = round(sparsity * rows * i2) - round(sparsity * rows * i1) if total else 0
-            if k > 0:
-                scores = W1**2 / d1[None, :] ** 2
-                mask1.view(-1)[torch.topk(scores.flatten(), k, largest=False).indices] = True
-        for i in range(i2 - i1):
-            if pattern is not None and i % pattern[1] == 0:
-                n, m = pattern
-                scores = W1[:, i : i + m] ** 2 / d1[None, i : i + m] ** 2
-                idx = torch.topk(scores, n, dim=1, largest=False).indices
-                mask1[:, i : i + m].scatter_(1, idx, True)
-            w = W1[:, i]
-            q = w.masked_fill(mask1[:, i], 0)
-            err = (w - q) / d1[i]
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
-            W1[:, i] = q
-            Err1[:, i] = err
-        Wf[:, i1:i2] = W1
-        mask[:, i1:i2] = mask1
-        Wf[:, i2:] -= Err1 @ U[i1:i2, i2:]
-
-
-from .obs import prune_obs  # noqa: E402  (exact OBS lives in its own module; it uses the above)
-
-PRUNERS: dict[str, Callable[..., PruneResult]] = {
-    "magnitude": prune_magnitude,
-    "diagonal": prune_diagonal,
-    "sparsegpt": prune_sparsegpt,
-    "obs": prune_obs,
-}
-
-
-def prune_layer(
-    W: torch.Tensor,
-    H: torch.Tensor | None,
-    *,
-    method: str,
-    sparsity: float,
-    pattern: str | Pattern = None,
-    **kwargs: object,
-) -> PruneResult:
-    """Prune one weight matrix with the named method. Never returns NaN/Inf weights."""
-    if method not in PRUNERS:
-        raise PruningError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    pat = parse_pattern(pattern)
-    sparsity = check_sparsity(sparsity) if pat is None else 0.0
-    if W.dim() != 2:
-        raise PruningError(f"weight must be 2-D, got shape {tuple(W.shape)}")
-    if method in NEEDS_HESSIAN:
-        if H is None:
-            raise PruningError(f"method {method!r} needs a Hessian")
-        expect = (W.shape[1],) if H.dim() == 1 else (W.shape[1], W.shape[1])
-        if tuple(H.shape) != expect:
-            raise PruningError(
-                f"Hessian shape {tuple(H.shape)} does not match weight {tuple(W.shape)}"
-            )
-        if method in SECOND_ORDER and H.dim() != 2:
-            raise PruningError(f"method {method!r} needs the full Hessian, not its diagonal")
-    if pat is None and sparsity == 0.0:
-        return PruneResult(W.clone(), torch.zeros_like(W, dtype=torch.bool), {})
-    with single_thread() if W.device.type == "cpu" else contextlib.nullcontext():
-        result = PRUNERS[method](W, H, sparsity, pat, **kwargs)
-        if not torch.isfinite(result.weight).all():
-            raise PruningError(f"method {method!r} produced non-finite weights")
-    return result
+def second_order_saliency(W: torch.Tensor, H: torch.Tensor | None, rel_damp: float) -> torch.Tensor:
+    """OBS saliency w^2 / [H^-1]_jj (diagonal H: w^2 H_jj; no H: |w|)."""
+    W = W.detach().to(torch.float64)
+    if H is None:
+        return W.abs()
+    if H.dim() == 1:
+        return W**2 * damped_diagonal(H, rel_damp)[0][None, :]
+    Hinv, _ = inverse_hessian(H, rel_damp)
+    return W**2 / torch.diagonal(Hinv)[None, :]
