@@ -7,8 +7,7 @@ import math
 import pytest
 import torch
 
-from whisper_obs_pruning.methods import obs
-from whisper_obs_pruning.methods import inverse_hessian, per_row_counts, prune_layer
+from whisper_obs_pruning.methods import inverse_hessian, obs, per_row_counts, prune_layer
 from whisper_obs_pruning.methods.obs import prune_obs
 
 
