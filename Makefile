@@ -26,7 +26,7 @@ install: $(STAMP)
 ## run: the full default pipeline (calibrate -> prune -> evaluate, sweep), then the table
 run: install
 	dvc repro
-	@python -m whisper_obs_pruning.report
+	@python -m whisper_obs_pruning.pipeline.report
 
 ## test: the default test suite (< 15 min on 2 cores); `make test-all` adds the slow tests
 test: install

@@ -383,7 +383,7 @@ def hf_generate_tokens(model, processor, audios, prompt, batch_size: int) -> lis
     """Plain greedy ``model.generate`` with the prompt forced: the floor to compare against."""
     import torch
 
-    from whisper_obs_pruning.transcribe import log_mel_features
+    from whisper_obs_pruning.whisper.decoding import log_mel_features
 
     eot = model.generation_config.eos_token_id
     out: list[list[int]] = []

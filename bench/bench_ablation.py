@@ -21,13 +21,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import torch
 
-from whisper_obs_pruning.calibration import run_calibration
-from whisper_obs_pruning.data import load_utterances
-from whisper_obs_pruning.evaluate import evaluate_model
-from whisper_obs_pruning.hessian import HessianCollector, linear_layers
-from whisper_obs_pruning.models import decoder_prompt_ids, load_whisper
+from whisper_obs_pruning.hessians.calibration import run_calibration
+from whisper_obs_pruning.hessians.collector import HessianCollector, linear_layers
 from whisper_obs_pruning.pruning import prune_layers, select_targets
-from whisper_obs_pruning.sequential import prune_sequential
+from whisper_obs_pruning.pruning.sequential import prune_sequential
+from whisper_obs_pruning.speech.datasets import load_utterances
+from whisper_obs_pruning.speech.scoring import evaluate_model
+from whisper_obs_pruning.whisper.loading import load_whisper
+from whisper_obs_pruning.whisper.prompt import decoder_prompt_ids
 
 DEFAULT_VARIANTS = [
     # method:pattern:sparsity:rel_damp:padding:allocation:calibration clips[:seq]

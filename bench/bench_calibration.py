@@ -29,8 +29,9 @@ VARIANTS = ("features", "forward", "full", "diagonal")
 
 
 def _setup(model_id: str, n: int, device: str):
-    from whisper_obs_pruning.data import load_utterances
-    from whisper_obs_pruning.models import decoder_prompt_ids, load_whisper
+    from whisper_obs_pruning.speech.datasets import load_utterances
+    from whisper_obs_pruning.whisper.loading import load_whisper
+    from whisper_obs_pruning.whisper.prompt import decoder_prompt_ids
 
     model, processor = load_whisper(model_id, device=device)
     utts = load_utterances("embedded", "calibration", limit=n).utterances
@@ -41,8 +42,8 @@ def run_variant(variant, model, processor, utts, prompt, batch_size, device, exc
     """One pass over ``utts``; returns counts for the Hessian variants."""
     import torch
 
-    from whisper_obs_pruning.calibration import run_calibration, teacher_forced_batches
-    from whisper_obs_pruning.hessian import HessianCollector, linear_layers
+    from whisper_obs_pruning.hessians.calibration import run_calibration, teacher_forced_batches
+    from whisper_obs_pruning.hessians.collector import HessianCollector, linear_layers
 
     if variant == "features":
         for _ in teacher_forced_batches(

@@ -37,7 +37,7 @@ def _load(model: str, device: str):
     """(model, processor) of a benchmark model; ``small`` = Whisper small's shapes, random."""
     import torch
 
-    from whisper_obs_pruning.models import load_whisper
+    from whisper_obs_pruning.whisper.loading import load_whisper
 
     if model != "small":
         return load_whisper(MODELS[model], device=device)
@@ -63,17 +63,17 @@ def _load(model: str, device: str):
 def worker(spec: dict) -> dict:
     import torch
 
-    from whisper_obs_pruning.artifacts import hessian_set_bytes, hessian_set_writer
-    from whisper_obs_pruning.calibration import (
+    from whisper_obs_pruning.hessians.calibration import (
         calibrate_in_passes,
         hessian_nbytes,
         run_calibration,
     )
-    from whisper_obs_pruning.data import load_utterances
-    from whisper_obs_pruning.hessian import HessianCollector, linear_layers
-    from whisper_obs_pruning.models import decoder_prompt_ids
-    from whisper_obs_pruning.pipeline import reusable_hessians
+    from whisper_obs_pruning.hessians.collector import HessianCollector, linear_layers
+    from whisper_obs_pruning.hessians.store import hessian_set_bytes, hessian_set_writer
+    from whisper_obs_pruning.pipeline.stages import reusable_hessians
     from whisper_obs_pruning.pruning import prune_layers
+    from whisper_obs_pruning.speech.datasets import load_utterances
+    from whisper_obs_pruning.whisper.prompt import decoder_prompt_ids
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])

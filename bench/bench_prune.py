@@ -161,16 +161,17 @@ def main() -> None:
 
     import torch
 
-    from whisper_obs_pruning.calibration import (
+    from whisper_obs_pruning.hessians.calibration import (
         encoder_valid_frames,
         run_calibration,
         teacher_forced_batches,
     )
-    from whisper_obs_pruning.data import load_utterances
-    from whisper_obs_pruning.hessian import HessianCollector, linear_layers
+    from whisper_obs_pruning.hessians.collector import HessianCollector, linear_layers
     from whisper_obs_pruning.methods import METHODS
-    from whisper_obs_pruning.models import decoder_prompt_ids, load_whisper
     from whisper_obs_pruning.pruning import prune_layers, select_targets
+    from whisper_obs_pruning.speech.datasets import load_utterances
+    from whisper_obs_pruning.whisper.loading import load_whisper
+    from whisper_obs_pruning.whisper.prompt import decoder_prompt_ids
 
     for m in args.methods:
         if m not in METHODS:

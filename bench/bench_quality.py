@@ -119,11 +119,11 @@ def main() -> None:
     device = bl.setup_torch(args)
     machine = bl.machine_info(device)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("whisper_obs_pruning.sweep").setLevel(logging.INFO)
+    logging.getLogger("whisper_obs_pruning.pipeline.sweep").setLevel(logging.INFO)
 
-    from whisper_obs_pruning import pipeline
-    from whisper_obs_pruning.params import DEFAULTS, validate
-    from whisper_obs_pruning.sweep import run_sweep
+    from whisper_obs_pruning.pipeline import stages as pipeline
+    from whisper_obs_pruning.pipeline.params import DEFAULTS, validate
+    from whisper_obs_pruning.pipeline.sweep import run_sweep
 
     work = args.work_dir.resolve()
     work.mkdir(parents=True, exist_ok=True)

@@ -75,12 +75,13 @@ def main() -> None:
     device = bl.setup_torch(args)
     machine = bl.machine_info(device)
 
-    from whisper_obs_pruning import pipeline
-    from whisper_obs_pruning.data import load_utterances
-    from whisper_obs_pruning.evaluate import evaluate_model, score
-    from whisper_obs_pruning.models import decoder_prompt_ids, load_whisper
-    from whisper_obs_pruning.params import DEFAULTS, validate
+    from whisper_obs_pruning.pipeline import stages as pipeline
+    from whisper_obs_pruning.pipeline.params import DEFAULTS, validate
     from whisper_obs_pruning.pruning import prune_layers
+    from whisper_obs_pruning.speech.datasets import load_utterances
+    from whisper_obs_pruning.speech.scoring import evaluate_model, score
+    from whisper_obs_pruning.whisper.loading import load_whisper
+    from whisper_obs_pruning.whisper.prompt import decoder_prompt_ids
 
     p = copy.deepcopy(DEFAULTS)
     p["model"]["id"] = args.model

@@ -108,8 +108,9 @@ def main() -> None:
     import torch
     import transformers
 
-    from whisper_obs_pruning.models import decoder_prompt_ids, load_whisper
-    from whisper_obs_pruning.transcribe import transcribe_tokens
+    from whisper_obs_pruning.whisper.decoding import transcribe_tokens
+    from whisper_obs_pruning.whisper.loading import load_whisper
+    from whisper_obs_pruning.whisper.prompt import decoder_prompt_ids
 
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

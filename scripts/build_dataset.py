@@ -1171,7 +1171,7 @@ def write_readme(out: Path, voices: Sequence[Voice] = VOICES) -> None:
         "`duration_s`. For espeak, speed 1 is 165 words a minute.",
         "",
         "```python",
-        "from whisper_obs_pruning.data import load_utterances",
+        "from whisper_obs_pruning.speech.datasets import load_utterances",
         'result = load_utterances("embedded", "evaluation")   # or "calibration"',
         "print(result.summary())",
         "```",

@@ -4,14 +4,17 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # this checkout's code
-from whisper_obs_pruning.cli import stage_main
-from whisper_obs_pruning.pipeline import calibrate, log_stage, save_metrics
+from whisper_obs_pruning.atomic import write_json_atomic
+from whisper_obs_pruning.pipeline.calibrate import calibrate
+from whisper_obs_pruning.pipeline.cli import stage_main
+from whisper_obs_pruning.pipeline.common import check_tracking, log_stage
 
 
-def main(params: dict, args) -> None:
+def main(params: "Params", args) -> None:
     """Calibrate: teacher-forced passes over the calibration audio, one Hessian per Linear input."""
+    check_tracking(params)  # an unusable MLflow store fails now, not after the work
     metrics = calibrate(params, args.out, progress=not args.no_progress)
-    save_metrics(args.metrics, metrics)
+    write_json_atomic(args.metrics, metrics)
     log_stage(params, "calibrate", metrics, [args.metrics, f"{args.out}/manifest.json"])
     print(f"[calibrate] {metrics}")
 

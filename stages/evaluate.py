@@ -4,15 +4,19 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # this checkout's code
-from whisper_obs_pruning.cli import stage_main
-from whisper_obs_pruning.pipeline import evaluate, log_stage, save_metrics, write_rows_csv
+from whisper_obs_pruning.atomic import write_json_atomic
+from whisper_obs_pruning.pipeline.cli import stage_main
+from whisper_obs_pruning.pipeline.common import check_tracking, log_stage
+from whisper_obs_pruning.pipeline.evaluate import evaluate
+from whisper_obs_pruning.speech.scoring import write_rows_csv
 
 
-def main(params: dict, args) -> None:
+def main(params: "Params", args) -> None:
     """Transcribe the evaluation split with the pruned model and score it."""
+    check_tracking(params)
     metrics, rows = evaluate(params, args.model, progress=not args.no_progress)
     write_rows_csv(args.utterances, rows)
-    save_metrics(args.metrics, metrics)
+    write_json_atomic(args.metrics, metrics)
     log_stage(params, "evaluate", metrics, [args.metrics, args.utterances])
     print(
         f"[evaluate] WER {100 * metrics['wer']:.2f}%  CER {100 * metrics['cer']:.2f}%  "

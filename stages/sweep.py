@@ -4,11 +4,11 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # this checkout's code
-from whisper_obs_pruning.cli import stage_main
-from whisper_obs_pruning.sweep import format_table, run_sweep
+from whisper_obs_pruning.pipeline.cli import stage_main
+from whisper_obs_pruning.pipeline.sweep import format_table, run_sweep
 
 
-def main(params: dict, args) -> None:
+def main(params: "Params", args) -> None:
     """Sweep every method over every sparsity (and N:M pattern) plus the dense baseline."""
     summary = run_sweep(params, args.hessians, args.out, args.state, progress=not args.no_progress)
     print(format_table(summary))

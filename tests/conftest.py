@@ -14,21 +14,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for a hub
 @pytest.fixture(scope="session")
 def tiny():
     """(model, processor) of the bundled Whisper tiny.en, float32, CPU."""
-    from whisper_obs_pruning.models import load_whisper
+    from whisper_obs_pruning.whisper.loading import load_whisper
 
     return load_whisper("bundled:tiny.en", device="cpu")
 
 
 @pytest.fixture(scope="session")
 def calib_utts():
-    from whisper_obs_pruning.data import load_utterances
+    from whisper_obs_pruning.speech.datasets import load_utterances
 
     return load_utterances("embedded", "calibration", limit=8).utterances
 
 
 @pytest.fixture(scope="session")
 def eval_utts():
-    from whisper_obs_pruning.data import load_utterances
+    from whisper_obs_pruning.speech.datasets import load_utterances
 
     return load_utterances("embedded", "evaluation", limit=12).utterances
 

@@ -9,18 +9,24 @@ from pathlib import Path
 import pytest
 import torch
 
-from whisper_obs_pruning import pipeline
-from whisper_obs_pruning.artifacts import (
+from whisper_obs_pruning.hessians.calibration import (
+    calibrate_in_passes,
+    hessian_nbytes,
+    plan_passes,
+)
+from whisper_obs_pruning.hessians.collector import linear_layers
+from whisper_obs_pruning.hessians.store import (
     ArtifactError,
     hessian_set_bytes,
     hessian_set_writer,
     read_manifest,
+    reusable_hessians,
 )
-from whisper_obs_pruning.calibration import calibrate_in_passes, hessian_nbytes, plan_passes
-from whisper_obs_pruning.hessian import linear_layers
-from whisper_obs_pruning.models import decoder_prompt_ids
-from whisper_obs_pruning.params import load_params
+from whisper_obs_pruning.pipeline.calibrate import calibrate
+from whisper_obs_pruning.pipeline.common import fingerprint, targets_for
+from whisper_obs_pruning.pipeline.params import load_params
 from whisper_obs_pruning.pruning import prune_layers
+from whisper_obs_pruning.whisper.prompt import decoder_prompt_ids
 
 REPO = Path(__file__).resolve().parents[1]
 MiB = 2**20
@@ -42,19 +48,21 @@ def test_plan_passes_fills_blocks_in_order_within_the_budget():
 
 
 def _params(max_mb):
-    p = load_params(REPO / "params.yaml")
-    p["data"]["calibration"]["max_samples"] = 2
-    p["model"]["device"] = "cpu"
-    p["calibrate"]["max_hessian_mb"] = max_mb
-    return p
+    return load_params(REPO / "params.yaml").updated(
+        {
+            "data.calibration.max_samples": 2,
+            "model.device": "cpu",
+            "calibrate.max_hessian_mb": max_mb,
+        }
+    )
 
 
 @pytest.fixture(scope="module")
 def sets(tmp_path_factory):
     """The same calibration written in one pass and in passes of at most 8 MiB."""
     d = tmp_path_factory.mktemp("passes")
-    one = pipeline.calibrate(_params(None), d / "one", progress=False)
-    many = pipeline.calibrate(_params(8), d / "many", progress=False)
+    one = calibrate(_params(None), d / "one", progress=False)
+    many = calibrate(_params(8), d / "many", progress=False)
     return {"one": (d / "one", one), "many": (d / "many", many)}
 
 
@@ -73,12 +81,16 @@ def test_passes_give_the_one_pass_hessians_bit_for_bit(sets):
 def test_sweep_reads_hessians_per_layer_over_the_budget_and_prunes_the_same(sets, tiny):
     model, _ = tiny
     hdir, info = sets["one"]
-    targets = pipeline.targets_for(model, _params(None))
-    manifest, held = pipeline.reusable_hessians(_params(None), hdir, model, targets)
+    targets = targets_for(model, _params(None))
+    manifest, held = reusable_hessians(
+        hdir, model, targets, fingerprint(model), _params(None).calibrate.max_hessian_bytes
+    )
     assert hessian_set_bytes(manifest) / MiB == pytest.approx(info["hessians_mb"], abs=0.1)
     q, k = "model.encoder.layers.0.self_attn.q_proj", "model.encoder.layers.0.self_attn.k_proj"
     assert held(q) is held(k) is held(q)  # loaded once, kept
-    _, streamed = pipeline.reusable_hessians(_params(1), hdir, model, targets)
+    _, streamed = reusable_hessians(
+        hdir, model, targets, fingerprint(model), _params(1).calibrate.max_hessian_bytes
+    )
     first = streamed(q)
     streamed("model.encoder.layers.0.fc2")
     assert streamed(q) is not first and torch.equal(streamed(q), first)  # read again from disk

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from whisper_obs_pruning.audio import SAMPLE_RATE, AudioError, load_audio
-from whisper_obs_pruning.data import (
+from whisper_obs_pruning.speech.audio import SAMPLE_RATE, AudioError, load_audio
+from whisper_obs_pruning.speech.datasets import (
     DataError,
     LoadResult,
     Utterance,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jiwer
 import pytest
 
-from whisper_obs_pruning.evaluate import evaluate_model, normalize, score
+from whisper_obs_pruning.speech.scoring import evaluate_model, normalize, score
 
 
 def test_normaliser_makes_number_and_spelling_variants_equal():

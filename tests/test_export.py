@@ -16,7 +16,10 @@ import pytest
 import torch
 from torch import nn
 
-from whisper_obs_pruning.export import (
+from whisper_obs_pruning.methods import prune_layer
+from whisper_obs_pruning.pruning import select_targets
+from whisper_obs_pruning.whisper.decoding import transcribe
+from whisper_obs_pruning.whisper.sparse_checkpoint import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     SparseFormatError,
@@ -26,9 +29,6 @@ from whisper_obs_pruning.export import (
     save_sparse,
     sparse_size_report,
 )
-from whisper_obs_pruning.methods import prune_layer
-from whisper_obs_pruning.pruning import select_targets
-from whisper_obs_pruning.transcribe import transcribe
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {"u50": (0.5, None), "u70": (0.7, None), "2:4": (0.0, "2:4")}

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from whisper_obs_pruning.calibration import encoder_valid_frames, run_calibration
-from whisper_obs_pruning.hessian import HessianCollector, linear_layers
+from whisper_obs_pruning.hessians.calibration import encoder_valid_frames, run_calibration
+from whisper_obs_pruning.hessians.collector import HessianCollector, linear_layers
 from whisper_obs_pruning.methods import prune_layer
-from whisper_obs_pruning.models import decoder_prompt_ids
+from whisper_obs_pruning.whisper.prompt import decoder_prompt_ids
 
 CHECK = [
     "model.encoder.layers.0.self_attn.q_proj",
@@ -130,7 +130,7 @@ def test_second_order_reconstructs_real_activations_best(tiny):
 
     16 clips give ~600 decoder tokens, more than the 384 inputs of the decoder layer tested.
     """
-    from whisper_obs_pruning.data import load_utterances
+    from whisper_obs_pruning.speech.datasets import load_utterances
 
     model, processor = tiny
     utts = load_utterances("embedded", "calibration", limit=20).utterances
@@ -179,7 +179,7 @@ def test_second_order_reconstructs_real_activations_best(tiny):
 @pytest.mark.parametrize("d", [5, 384, 385, 1000])
 def test_add_gram_blocks_equal_the_full_product(d):
     """The upper-block Gram (with mirror) is the full X^T X, exactly symmetric."""
-    from whisper_obs_pruning.hessian import add_gram
+    from whisper_obs_pruning.hessians.collector import add_gram
 
     x = torch.randn(700, d, generator=torch.Generator().manual_seed(d))
     acc = torch.zeros(d, d, dtype=torch.float64)

@@ -16,26 +16,26 @@ import numpy as np
 import pytest
 import torch
 
-from whisper_obs_pruning.ct2 import (
+from whisper_obs_pruning.whisper.ct2_import import (
     COMPLETE_MARKER,
     convert_ct2_to_hf,
     ct2_to_hf_state_dict,
     read_ct2_model,
 )
-from whisper_obs_pruning.models import (
-    BUNDLED,
-    ModelLoadError,
-    decoder_prompt_ids,
-    load_whisper,
-    resolve_model_dir,
-)
-from whisper_obs_pruning.transcribe import (
+from whisper_obs_pruning.whisper.decoding import (
     _ThreadChooser,
     default_token_cap,
     log_mel_features,
     transcribe,
     transcribe_tokens,
 )
+from whisper_obs_pruning.whisper.loading import (
+    BUNDLED,
+    ModelLoadError,
+    load_whisper,
+    resolve_model_dir,
+)
+from whisper_obs_pruning.whisper.prompt import decoder_prompt_ids
 
 REPO = Path(__file__).resolve().parents[1]
 EVAL_DIR = Path(os.environ.get("WHISPER_OBS_EVAL_DIR", REPO / "data" / "evaluation"))

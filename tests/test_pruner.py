@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from whisper_obs_pruning import WhisperOBSPruner, prune_whisper_model
-from whisper_obs_pruning.evaluate import evaluate_model
+from whisper_obs_pruning.speech.scoring import evaluate_model
 
 
 def test_seed_readme_flow(fresh_tiny):

@@ -16,19 +16,18 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from whisper_obs_pruning.artifacts import (
+from whisper_obs_pruning.atomic import atomic_directory, write_json_atomic
+from whisper_obs_pruning.hessians.collector import linear_layers
+from whisper_obs_pruning.hessians.store import (
     ArtifactError,
-    atomic_directory,
     check_hessian_set,
     load_hessian,
     model_fingerprint,
     read_manifest,
     save_hessian_set,
-    write_json_atomic,
 )
-from whisper_obs_pruning.hessian import linear_layers
-from whisper_obs_pruning.params import DEFAULTS, ParamsError, load_params
-from whisper_obs_pruning.tracking import TrackingError, check_reachable, project_root
+from whisper_obs_pruning.pipeline.params import Params, ParamsError, load_params
+from whisper_obs_pruning.pipeline.tracking import TrackingError, check_reachable, project_root
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,9 +47,10 @@ def write_params(tmp_path, over: dict) -> Path:
 
 
 def test_repo_params_are_valid():
+    """The committed params.yaml spells out exactly the code's defaults (one source of truth)."""
     p = load_params(REPO / "params.yaml")
-    assert p["model"]["id"] == "bundled:tiny.en"
-    assert set(p) == set(DEFAULTS)
+    assert p.model.id == "bundled:tiny.en"
+    assert p == Params()
 
 
 @pytest.mark.parametrize(
@@ -88,8 +88,8 @@ def test_params_read_as_yaml_1_2_like_dvc_writes_them(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text("prune:\n  pattern: 2:4\n  rel_damp: 1e-4\nsweep:\n  patterns: [2:4, 4:8]\n")
     p = load_params(path)
-    assert p["prune"]["pattern"] == "2:4" and p["prune"]["rel_damp"] == 1e-4
-    assert p["sweep"]["patterns"] == ["2:4", "4:8"]
+    assert p.prune.pattern == "2:4" and p.prune.rel_damp == 1e-4
+    assert p.sweep.patterns == ["2:4", "4:8"]
 
 
 def test_params_file_problems(tmp_path):
@@ -157,12 +157,12 @@ def test_unknown_model_offline_says_hub_unreachable(tmp_path):
 @pytest.fixture(scope="module")
 def hessian_set(tmp_path_factory, tiny):
     """A real (small) Hessian set of tiny.en, written by the calibrate code path."""
-    from whisper_obs_pruning.pipeline import calibrate
+    from whisper_obs_pruning.pipeline.calibrate import calibrate
 
     d = tmp_path_factory.mktemp("hess")
-    params = load_params(REPO / "params.yaml")
-    params["data"]["calibration"]["max_samples"] = 2
-    params["model"]["device"] = "cpu"
+    params = load_params(REPO / "params.yaml").updated(
+        {"data.calibration.max_samples": 2, "model.device": "cpu"}
+    )
     calibrate(params, d / "hessians", progress=False)
     return d / "hessians"
 
@@ -211,7 +211,7 @@ def test_corrupt_hessian_is_refused_naming_the_layer(hessian_set, tmp_path, dama
         else:
             H = torch.zeros(384, 384, dtype=torch.float64)
         save_file({"H": H}, str(f))
-        from whisper_obs_pruning.artifacts import sha256_file
+        from whisper_obs_pruning.atomic import sha256_file
 
         manifest["layers"][name]["sha256"] = sha256_file(f)  # a consistent but bad file
         (d / "manifest.json").write_text(json.dumps(manifest))
@@ -259,7 +259,8 @@ def test_save_refuses_nan_and_leaves_old_set(tmp_path):
 WRITER = r"""
 import sys, torch, time
 sys.path.insert(0, {src!r})
-from whisper_obs_pruning.artifacts import save_hessian_set, write_json_atomic
+from whisper_obs_pruning.atomic import write_json_atomic
+from whisper_obs_pruning.hessians.store import save_hessian_set
 i = 0
 while True:
     i += 1
@@ -326,11 +327,11 @@ def test_fp16_model_prunes_without_nan(tiny):
 
 
 def test_calibration_and_pruning_are_bit_identical_twice(hessian_set, tmp_path, tiny):
-    from whisper_obs_pruning.pipeline import calibrate
+    from whisper_obs_pruning.pipeline.calibrate import calibrate
 
-    params = load_params(REPO / "params.yaml")
-    params["data"]["calibration"]["max_samples"] = 2
-    params["model"]["device"] = "cpu"
+    params = load_params(REPO / "params.yaml").updated(
+        {"data.calibration.max_samples": 2, "model.device": "cpu"}
+    )
     calibrate(params, tmp_path / "again", progress=False)
     a, b = read_manifest(hessian_set), read_manifest(tmp_path / "again")
     assert {k: v["sha256"] for k, v in a["layers"].items()} == {

@@ -7,11 +7,11 @@ import copy
 import pytest
 import torch
 
-from whisper_obs_pruning.calibration import run_calibration
-from whisper_obs_pruning.hessian import HessianCollector, linear_layers
-from whisper_obs_pruning.models import decoder_prompt_ids
+from whisper_obs_pruning.hessians.calibration import run_calibration
+from whisper_obs_pruning.hessians.collector import HessianCollector, linear_layers
 from whisper_obs_pruning.pruning import prune_layers
-from whisper_obs_pruning.sequential import prune_sequential
+from whisper_obs_pruning.pruning.sequential import prune_sequential
+from whisper_obs_pruning.whisper.prompt import decoder_prompt_ids
 
 TARGETS = [
     "model.encoder.layers.0.fc1",

@@ -22,21 +22,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
+from ..errors import PruningError
+from ..sparsity import Pattern, pattern_name
+
 log = logging.getLogger(__name__)
 
-Pattern = tuple[int, int] | None
 Statistic = Literal["none", "diagonal", "full"]
-
-
-class PruningError(ValueError):
-    """Raised for invalid pruning arguments (bad sparsity, pattern, shapes)."""
 
 
 @dataclass
@@ -50,37 +47,6 @@ class PruneResult:
     @property
     def sparsity(self) -> float:
         return float(self.pruned_mask.float().mean())
-
-
-def parse_pattern(pattern: str | tuple[int, int] | None) -> Pattern:
-    """``"2:4"`` -> ``(2, 4)``; ``None``/``"unstructured"`` -> ``None``. Validates N < M."""
-    if pattern is None or pattern in ("", "unstructured", "none"):
-        return None
-    if isinstance(pattern, str):
-        parts = pattern.split(":")
-        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-            raise PruningError(
-                f"pattern {pattern!r} is not 'unstructured' or 'N:M' with integers, e.g. '2:4'"
-            )
-        n, m = int(parts[0]), int(parts[1])
-    else:
-        n, m = (int(v) for v in pattern)
-    if n <= 0 or m <= 0 or n >= m:
-        raise PruningError(
-            f"pattern {n}:{m} is malformed: need 0 < N < M (N zeros in every group of M)"
-        )
-    return (n, m)
-
-
-def pattern_name(pattern: Pattern) -> str:
-    return "unstructured" if pattern is None else f"{pattern[0]}:{pattern[1]}"
-
-
-def check_sparsity(sparsity: float) -> float:
-    sparsity = float(sparsity)
-    if not (0.0 <= sparsity < 1.0) or math.isnan(sparsity):
-        raise PruningError(f"sparsity must be in [0, 1), got {sparsity}")
-    return sparsity
 
 
 def per_row_counts(rows: int, cols: int, sparsity: float) -> torch.Tensor:

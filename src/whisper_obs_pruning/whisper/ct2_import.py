@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import WhisperObsError
+
 __all__ = [
     "CT2Model",
     "read_ct2_model",
@@ -35,6 +37,11 @@ __all__ = [
     "convert_ct2_to_hf",
     "COMPLETE_MARKER",
 ]
+
+
+class CT2FormatError(WhisperObsError, ValueError):
+    """A CTranslate2 ``model.bin`` / tokenizer that is corrupt or not a Whisper we can convert."""
+
 
 SUPPORTED_BINARY_VERSION = 6
 COMPLETE_MARKER = ".complete"
@@ -75,7 +82,9 @@ class CT2Model:
             return default
         arr = self[name]
         if arr.ndim != 0:
-            raise ValueError(f"CT2 variable {name!r} is not a scalar setting (shape {arr.shape})")
+            raise CT2FormatError(
+                f"CT2 variable {name!r} is not a scalar setting (shape {arr.shape})"
+            )
         return arr.item()
 
 
@@ -89,7 +98,7 @@ class _Reader:
 
     def _need(self, n: int, what: str) -> None:
         if self.pos + n > len(self.buf):
-            raise ValueError(
+            raise CT2FormatError(
                 f"{self.source}: truncated CTranslate2 model file: needed {n} bytes for {what} "
                 f"at offset {self.pos}, but the file has {len(self.buf)} bytes"
             )
@@ -115,18 +124,20 @@ class _Reader:
     def string(self, what: str) -> str:
         n = self.u16(f"length of {what}")
         if n == 0:
-            raise ValueError(
+            raise CT2FormatError(
                 f"{self.source}: corrupt string (length 0) for {what} at offset {self.pos}"
             )
         self._need(n, what)
         raw = bytes(self.buf[self.pos : self.pos + n])
         self.pos += n
         if raw[-1] != 0:
-            raise ValueError(f"{self.source}: corrupt string for {what}: missing NUL terminator")
+            raise CT2FormatError(
+                f"{self.source}: corrupt string for {what}: missing NUL terminator"
+            )
         try:
             return raw[:-1].decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise ValueError(f"{self.source}: corrupt string for {what}: not UTF-8") from exc
+            raise CT2FormatError(f"{self.source}: corrupt string for {what}: not UTF-8") from exc
 
 
 def _read_bytes(paths: Sequence[Path]) -> bytearray:
@@ -139,7 +150,7 @@ def _read_bytes(paths: Sequence[Path]) -> bytearray:
         with open(p, "rb") as fh:
             got = fh.readinto(view[pos : pos + size])
         if got != size:
-            raise ValueError(
+            raise CT2FormatError(
                 f"{p}: short read ({got} of {size} bytes); file changed while reading?"
             )
         pos += size
@@ -154,14 +165,14 @@ def read_ct2_model(path: Path | str | Sequence[Path | str]) -> CT2Model:
     """
     paths = [Path(path)] if isinstance(path, (str, os.PathLike)) else [Path(p) for p in path]
     if not paths:
-        raise ValueError("read_ct2_model: no model.bin path given")
+        raise CT2FormatError("read_ct2_model: no model.bin path given")
     source = " + ".join(str(p) for p in paths)
     buf = _read_bytes(paths)
     r = _Reader(memoryview(buf), source)
 
     version = r.u32("binary version")
     if version != SUPPORTED_BINARY_VERSION:
-        raise ValueError(
+        raise CT2FormatError(
             f"{source}: not a supported CTranslate2 model.bin: binary version {version} "
             f"(expected {SUPPORTED_BINARY_VERSION}); wrong file or corrupt header"
         )
@@ -174,16 +185,16 @@ def read_ct2_model(path: Path | str | Sequence[Path | str]) -> CT2Model:
         name = r.string(f"name of variable {i}")
         rank = r.u8(f"rank of {name!r}")
         if rank > 8:
-            raise ValueError(f"{source}: corrupt variable {name!r}: rank {rank}")
+            raise CT2FormatError(f"{source}: corrupt variable {name!r}: rank {rank}")
         dims = tuple(r.u32(f"dimension {d} of {name!r}") for d in range(rank))
         code = r.u8(f"dtype of {name!r}")
         if code not in _DTYPES:
-            raise ValueError(f"{source}: corrupt variable {name!r}: unknown dtype code {code}")
+            raise CT2FormatError(f"{source}: corrupt variable {name!r}: unknown dtype code {code}")
         nbytes = r.u32(f"byte count of {name!r}")
         dtype = _DTYPES[code]
         count = int(np.prod(dims, dtype=np.int64)) if dims else 1
         if count * dtype.itemsize != nbytes:
-            raise ValueError(
+            raise CT2FormatError(
                 f"{source}: corrupt variable {name!r}: shape {dims} x {_DTYPE_NAMES[code]} needs "
                 f"{count * dtype.itemsize} bytes but the header says {nbytes}"
             )
@@ -193,7 +204,7 @@ def read_ct2_model(path: Path | str | Sequence[Path | str]) -> CT2Model:
             arr = (arr.astype(np.uint32) << 16).view(np.float32)
         r.pos += nbytes
         if name in variables:
-            raise ValueError(f"{source}: corrupt file: duplicate variable {name!r}")
+            raise CT2FormatError(f"{source}: corrupt file: duplicate variable {name!r}")
         variables[name] = arr
 
     n_aliases = r.u32("alias count")
@@ -202,10 +213,10 @@ def read_ct2_model(path: Path | str | Sequence[Path | str]) -> CT2Model:
         alias = r.string(f"alias {i}")
         target = r.string(f"target of alias {alias!r}")
         if target not in variables:
-            raise ValueError(f"{source}: corrupt file: alias {alias!r} -> missing {target!r}")
+            raise CT2FormatError(f"{source}: corrupt file: alias {alias!r} -> missing {target!r}")
         aliases[alias] = target
     if r.pos != len(buf):
-        raise ValueError(
+        raise CT2FormatError(
             f"{source}: {len(buf) - r.pos} unexpected trailing bytes after the alias table "
             f"(wrong part order or a corrupt file?)"
         )
@@ -219,7 +230,7 @@ def _f32(arr: np.ndarray, name: str):
     import torch
 
     if arr.dtype.kind != "f":
-        raise ValueError(
+        raise CT2FormatError(
             f"CT2 variable {name!r} has dtype {arr.dtype}: quantized (int8/int16) CT2 models "
             "are not supported; convert from a float16/float32 checkpoint"
         )
@@ -230,22 +241,22 @@ def _count_layers(ct2: CT2Model, stack: str) -> int:
     pat = re.compile(rf"^{stack}/layer_(\d+)/")
     idx = {int(m.group(1)) for n in ct2.variables if (m := pat.match(n))}
     if idx != set(range(len(idx))):
-        raise ValueError(f"CT2 model: {stack} layer indices are not contiguous: {sorted(idx)}")
+        raise CT2FormatError(f"CT2 model: {stack} layer indices are not contiguous: {sorted(idx)}")
     return len(idx)
 
 
 def _whisper_dims(ct2: CT2Model) -> dict[str, Any]:
     if ct2.spec_name != "WhisperSpec":
-        raise ValueError(f"CT2 model is a {ct2.spec_name!r}, not a WhisperSpec")
+        raise CT2FormatError(f"CT2 model is a {ct2.spec_name!r}, not a WhisperSpec")
     conv1 = ct2["encoder/conv1/weight"]
     d_model, n_mels = int(conv1.shape[0]), int(conv1.shape[1])
     emb = ct2["decoder/embeddings/weight"]
     act_code = ct2.setting("encoder/activation", ct2.setting("decoder/activation", 3))
     if act_code not in _ACTIVATIONS:
-        raise ValueError(f"CT2 model: unsupported activation code {act_code}")
+        raise CT2FormatError(f"CT2 model: unsupported activation code {act_code}")
     for stack in ("encoder", "decoder"):
         if not ct2.setting(f"{stack}/pre_norm", 1):
-            raise ValueError(f"CT2 model: {stack} is post-norm; Whisper is pre-norm")
+            raise CT2FormatError(f"CT2 model: {stack} is post-norm; Whisper is pre-norm")
     return {
         "vocab_size": int(emb.shape[0]),
         "num_mel_bins": n_mels,
@@ -284,7 +295,7 @@ def ct2_to_hf_state_dict(ct2: CT2Model) -> dict[str, Any]:
         w = _f32(ct2[f"{ct2_prefix}/weight"], ct2_prefix)
         b = _f32(ct2[f"{ct2_prefix}/bias"], ct2_prefix)
         if w.shape != (len(names) * d, d) or b.shape != (len(names) * d,):
-            raise ValueError(
+            raise CT2FormatError(
                 f"CT2 {ct2_prefix}: fused shape {tuple(w.shape)} does not match "
                 f"{len(names)} x d_model={d}"
             )
@@ -293,7 +304,7 @@ def ct2_to_hf_state_dict(ct2: CT2Model) -> dict[str, Any]:
             bias = b[i * d : (i + 1) * d].clone()
             if proj == "k_proj":
                 if bias.abs().max().item() != 0.0:
-                    raise ValueError(
+                    raise CT2FormatError(
                         f"CT2 {ct2_prefix}/bias: the k_proj slice is not zero "
                         f"(max |b| = {bias.abs().max().item():.3g}); the file is not a Whisper "
                         "checkpoint or was mis-read"
@@ -330,7 +341,7 @@ def ct2_to_hf_state_dict(ct2: CT2Model) -> dict[str, Any]:
         if ct2.aliases.get("decoder/projection/weight") != "decoder/embeddings/weight" and not (
             np.array_equal(proj, ct2["decoder/embeddings/weight"])
         ):
-            raise ValueError("CT2 model: output projection is not tied to the token embedding")
+            raise CT2FormatError("CT2 model: output projection is not tied to the token embedding")
     return sd
 
 
@@ -353,17 +364,19 @@ def _prepare_tokenizer_json(src: Path, vocab_size: int) -> tuple[dict[str, Any],
     by_content = {t["content"]: t["id"] for t in added}
     by_content.update(tok["model"]["vocab"])
     if "<|notimestamps|>" not in by_content:
-        raise ValueError(f"{src}: tokenizer has no <|notimestamps|> token")
+        raise CT2FormatError(f"{src}: tokenizer has no <|notimestamps|> token")
     next_id = max(t["id"] for t in added) + 1
     ts_begin = by_content["<|notimestamps|>"] + 1
     for i in range(1501):
         content = f"<|{i * 0.02:.2f}|>"
         if content in by_content:
             if by_content[content] != ts_begin + i:
-                raise ValueError(f"{src}: timestamp token {content} has unexpected id")
+                raise CT2FormatError(f"{src}: timestamp token {content} has unexpected id")
             continue
         if next_id != ts_begin + i:
-            raise ValueError(f"{src}: cannot append timestamp {content}: next free id {next_id}")
+            raise CT2FormatError(
+                f"{src}: cannot append timestamp {content}: next free id {next_id}"
+            )
         added.append(
             {
                 "id": next_id,
@@ -378,7 +391,9 @@ def _prepare_tokenizer_json(src: Path, vocab_size: int) -> tuple[dict[str, Any],
         by_content[content] = next_id
         next_id += 1
     if next_id > vocab_size:
-        raise ValueError(f"{src}: tokenizer has {next_id} ids but the model vocab is {vocab_size}")
+        raise CT2FormatError(
+            f"{src}: tokenizer has {next_id} ids but the model vocab is {vocab_size}"
+        )
     return tok, by_content
 
 
@@ -481,7 +496,7 @@ def _build_hf(ct2_dir: Path, tmp: Path, parts: Sequence[Path]) -> None:
         shutil.copyfile(spelling, tmp / "normalizer.json")
     tokenizer = WhisperTokenizer.from_pretrained(str(tmp))
     if tokenizer.all_special_ids[-1] != ids["<|notimestamps|>"]:
-        raise ValueError("converted tokenizer: special tokens are not in id order")
+        raise CT2FormatError("converted tokenizer: special tokens are not in id order")
     feature_extractor = WhisperFeatureExtractor(
         feature_size=dims["num_mel_bins"],
         sampling_rate=16000,
@@ -508,7 +523,9 @@ def _build_hf(ct2_dir: Path, tmp: Path, parts: Sequence[Path]) -> None:
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if k != "proj_out.weight"]
     if missing or unexpected:
-        raise ValueError(f"CT2 -> HF mapping mismatch: missing {missing}, unexpected {unexpected}")
+        raise CT2FormatError(
+            f"CT2 -> HF mapping mismatch: missing {missing}, unexpected {unexpected}"
+        )
     model.tie_weights()
     if model.proj_out.weight.data_ptr() != model.model.decoder.embed_tokens.weight.data_ptr():
         model.proj_out.weight = model.model.decoder.embed_tokens.weight

@@ -18,7 +18,7 @@ import torch
 from transformers import WhisperForConditionalGeneration, WhisperProcessor
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
-from .models import decoder_prompt_ids
+from .prompt import decoder_prompt_ids
 
 __all__ = [
     "SAMPLE_RATE",

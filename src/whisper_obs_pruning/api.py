@@ -22,11 +22,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .calibration import run_calibration
-from .data import Utterance, load_utterances
-from .hessian import HessianCollector, linear_layers
+from .hessians.calibration import run_calibration
+from .hessians.collector import HessianCollector, linear_layers
 from .methods import get_method
 from .pruning import DEFAULT_EXCLUDE, prune_layers, select_targets
+from .speech.datasets import Utterance, load_utterances
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class WhisperOBSPruner:
         16 kHz arrays (transcribed first by the model itself, then teacher-forced). Default:
         the embedded calibration split. Passes made before (hooked) are kept in the sums.
         """
-        from .models import decoder_prompt_ids
+        from .whisper.prompt import decoder_prompt_ids
 
         if max_samples is not None and max_samples <= 0:
             raise ValueError(f"max_samples must be positive, got {max_samples}")
@@ -124,7 +124,7 @@ class WhisperOBSPruner:
         raw = [i for i, u in enumerate(items) if not isinstance(u, Utterance)]
         if not raw:
             return items
-        from .transcribe import transcribe
+        from .whisper.decoding import transcribe
 
         self.collector.detach()  # the model's own transcription must not enter the Hessians
         try:

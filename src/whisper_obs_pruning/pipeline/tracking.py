@@ -16,11 +16,13 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..errors import WhisperObsError
+
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 
 
-class TrackingError(RuntimeError):
+class TrackingError(WhisperObsError, RuntimeError):
     """The MLflow tracking store cannot be used."""
 
 

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data import Utterance
-from .hessian import HessianCollector, LayerHessian, StopForward
+from ..speech.datasets import Utterance
+from .collector import HessianCollector, LayerHessian, StopForward
 
 SAMPLES_PER_ENCODER_FRAME = 320  # hop 160 samples per mel frame, conv2 stride 2
 ENCODER_FRAMES = 1500

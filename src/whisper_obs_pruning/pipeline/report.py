@@ -1,4 +1,4 @@
-"""``python -m whisper_obs_pruning.report``: print the sweep table and where the results are."""
+"""``python -m whisper_obs_pruning.pipeline.report``: print the sweep table and where the results are."""
 
 from __future__ import annotations
 

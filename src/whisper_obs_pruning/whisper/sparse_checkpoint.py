@@ -42,6 +42,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import WhisperObsError
+
 if TYPE_CHECKING:
     from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
@@ -77,7 +79,7 @@ PROCESSOR_FILES = (
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-class SparseFormatError(ValueError):
+class SparseFormatError(WhisperObsError, ValueError):
     """A sparse directory is missing, truncated, corrupt or of an unknown format version."""
 
 
@@ -494,7 +496,7 @@ def load_sparse(
     """
     from transformers import GenerationConfig, WhisperConfig, WhisperForConditionalGeneration
 
-    from .models import _resolve_device
+    from .loading import resolve_device
 
     out_dir = Path(out_dir)
     cfg, state = _load_state(out_dir, verify)
@@ -518,7 +520,7 @@ def load_sparse(
     if (out_dir / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(str(out_dir))
     model.config.name_or_path = str(out_dir)
-    model.to(_resolve_device(device))
+    model.to(resolve_device(device))
     model.eval()
     return model
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import WhisperObsError
 from .audio import MAX_SECONDS, SAMPLE_RATE, AudioError, load_audio, to_mono_16k
 
 __all__ = [
@@ -39,7 +40,7 @@ TEXT_COLUMNS = ("transcription", "text", "sentence", "normalized_text")
 DATA_ENV = "WHISPER_OBS_DATA"
 
 
-class DataError(ValueError):
+class DataError(WhisperObsError, ValueError):
     """A data source that cannot be read at all (missing folder, metadata or column)."""
 
 
@@ -91,7 +92,7 @@ def embedded_data_dir() -> Path:
     env = os.environ.get(DATA_ENV)
     if env:
         return Path(env).expanduser()
-    return Path(__file__).resolve().parents[2] / "data"
+    return Path(__file__).resolve().parents[3] / "data"
 
 
 def load_utterances(

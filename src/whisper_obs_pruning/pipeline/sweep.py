@@ -15,39 +15,35 @@ import logging
 import time
 from pathlib import Path
 
+from ..atomic import write_json_atomic, write_text_atomic
+from ..hessians.store import reusable_hessians
+from ..methods import parse_pattern, pattern_name
+from ..pruning.apply import prune_layers
+from ..pruning.targets import weight_sparsity
+from ..whisper.loading import load_whisper
 from . import tracking
-from .artifacts import write_json_atomic, write_text_atomic
-from .methods import parse_pattern, pattern_name
-from .models import load_whisper
-from .params import flatten
-from .pipeline import (
-    evaluate_on,
-    load_split,
-    prune_kwargs,
-    reusable_hessians,
-    seed_everything,
-    targets_for,
-)
-from .pruning import prune_layers, weight_sparsity
+from .common import fingerprint, load_split, seed_everything, targets_for
+from .evaluate import evaluate_on
+from .params import Params, flatten
 
 log = logging.getLogger(__name__)
 
 CSV_FIELDS = ("method", "pattern", "target_sparsity", "sparsity", "wer", "cer")
 
 
-def sweep_points(p: dict) -> list[dict]:
+def sweep_points(p: Params) -> list[dict]:
     """The grid: every method at every sparsity, then every method at every N:M pattern."""
-    sw = p["sweep"]
+    sw = p.sweep
     points = [
         {"method": m, "pattern": "unstructured", "target_sparsity": float(s)}
-        for m in sw["methods"]
-        for s in sw["sparsities"]
+        for m in sw.methods
+        for s in sw.sparsities
     ]
-    for pat in sw["patterns"] or []:
+    for pat in sw.patterns:
         n, m_ = parse_pattern(pat)
         points += [
             {"method": m, "pattern": pattern_name((n, m_)), "target_sparsity": n / m_}
-            for m in sw["methods"]
+            for m in sw.methods
         ]
     return points
 
@@ -56,16 +52,14 @@ def point_key(point: dict) -> str:
     return f"{point['method']}@{point['pattern']}@{point['target_sparsity']:.4f}"
 
 
-def _config_key(p: dict, manifest: dict) -> str:
+def _config_key(p: Params, manifest: dict) -> str:
     relevant = {
-        "model": p["model"],
-        "data": p["data"]["evaluation"],
-        "evaluate": p["evaluate"],
-        "prune": {
-            k: v for k, v in p["prune"].items() if k not in ("method", "sparsity", "pattern")
-        },
+        "model": p.model.model_dump(),
+        "data": p.data.evaluation.model_dump(),
+        "evaluate": p.evaluate.model_dump(),
+        "prune": p.prune.model_dump(exclude={"method", "sparsity", "pattern"}),
         "hessians": sorted({v["sha256"] for v in manifest["layers"].values()}),
-        "seed": p["seed"],
+        "seed": p.seed,
     }
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -83,7 +77,7 @@ def _load_state(state_dir: Path, key: str) -> dict:
 
 
 def run_sweep(
-    p: dict,
+    p: Params,
     hessian_dir: str | Path,
     out_dir: str | Path = "metrics",
     state_dir: str | Path = "artifacts/sweep_state",
@@ -91,21 +85,23 @@ def run_sweep(
     progress: bool = True,
 ) -> dict:
     """Run (or resume) the sweep; write sweep.json / sweep.csv / sparsity_wer.png; log MLflow."""
-    seed_everything(p["seed"])
+    seed_everything(p.seed)
     out_dir, state_dir = Path(out_dir), Path(state_dir)
-    model, processor = load_whisper(p["model"]["id"], device=p["model"]["device"])
+    model, processor = load_whisper(p.model.id, device=p.model.device)
     targets = targets_for(model, p)
-    manifest, get_hessian = reusable_hessians(p, hessian_dir, model, targets)
+    manifest, get_hessian = reusable_hessians(
+        hessian_dir, model, targets, fingerprint(model), p.calibrate.max_hessian_bytes
+    )
     modules = dict(model.named_modules())
     dense = {n: modules[n].weight.data.clone() for n in targets}
-    data = load_split(p, "evaluation")
+    data = load_split(p.data.evaluation, "evaluation")
     state = _load_state(state_dir, _config_key(p, manifest))
     points = sweep_points(p)
 
     def evaluate_now(desc: str) -> dict:
         return evaluate_on(p, model, processor, data.utterances, progress=progress, desc=desc)[0]
 
-    mlflow = tracking.setup(p["mlflow"]["experiment"], p["mlflow"]["tracking_uri"])
+    mlflow = tracking.setup(p.mlflow.experiment, p.mlflow.tracking_uri)
     if state["parent_run_id"] and not _run_exists(mlflow, state["parent_run_id"]):
         log.warning(
             "sweep checkpoint names MLflow run %s, which this store does not have; "
@@ -120,8 +116,8 @@ def run_sweep(
     )
     with mlflow.start_run(**run_kwargs) as parent:
         if not state["parent_run_id"]:
-            mlflow.log_params(flatten({k: p[k] for k in ("seed", "model", "sweep", "evaluate")}))
-            mlflow.log_params(flatten({"prune": prune_kwargs(p)}))
+            mlflow.log_params(flatten(p.model_dump(include={"seed", "model", "sweep", "evaluate"})))
+            mlflow.log_params(flatten({"prune": p.prune.method_kwargs()}))
             mlflow.log_param("num_eval_utterances", len(data.utterances))
             state["parent_run_id"] = parent.info.run_id
             write_json_atomic(state_dir / "state.json", state)
@@ -157,7 +153,7 @@ def run_sweep(
                 sparsity=point["target_sparsity"],
                 pattern=point["pattern"],
                 progress=False,
-                **prune_kwargs(p),
+                **p.prune.method_kwargs(),
             )
             prune_s = time.perf_counter() - t0
             m = evaluate_now(key)
@@ -171,7 +167,7 @@ def run_sweep(
             write_json_atomic(state_dir / "state.json", state)
             _log_point(mlflow, result, key)
         summary = {
-            "model_id": p["model"]["id"],
+            "model_id": p.model.id,
             "num_utterances": len(data.utterances),
             "skipped_utterances": [{"id": sk.id, "reason": sk.reason} for sk in data.skipped],
             "dense": state["dense"],

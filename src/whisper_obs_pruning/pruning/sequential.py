@@ -21,10 +21,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import teacher_forced_batches
-from .data import Utterance
-from .hessian import HessianCollector, StopForward
-from .pruning import prune_layers
+from ..hessians.calibration import teacher_forced_batches
+from ..hessians.collector import HessianCollector, StopForward
+from ..speech.datasets import Utterance
+from .apply import prune_layers
 
 
 def _first_layer_input(encoder: nn.Module, feats: torch.Tensor) -> torch.Tensor:

@@ -16,13 +16,15 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from ..errors import WhisperObsError
+
 SAMPLE_RATE = 16000
 MAX_SECONDS = 30.0  # Whisper's window: longer clips are cut by the feature extractor
 
 __all__ = ["MAX_SECONDS", "SAMPLE_RATE", "AudioError", "load_audio", "to_mono_16k"]
 
 
-class AudioError(ValueError):
+class AudioError(WhisperObsError, ValueError):
     """A clip that cannot be used: missing, empty, undecodable, zero-length or non-finite."""
 
 

@@ -14,9 +14,9 @@ from functools import lru_cache
 
 import jiwer
 
-from .artifacts import write_text_atomic
-from .data import Utterance
-from .transcribe import transcribe
+from ..atomic import write_text_atomic
+from ..whisper.decoding import transcribe
+from .datasets import Utterance
 
 
 @lru_cache(maxsize=1)

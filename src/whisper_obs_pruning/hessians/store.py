@@ -1,8 +1,6 @@
-"""Atomic, verified artifacts: Hessian sets and JSON files a DVC stage can trust.
+"""The verified on-disk Hessian store a DVC stage can trust (written with ``atomic``).
 
-Every file is written to a temporary name in the same directory, fsync'ed, then renamed over
-the target, so a stage killed at any moment leaves the old file or the new one, never half of
-one. A Hessian set is a directory of one safetensors file per distinct layer input plus a
+A Hessian set is a directory of one safetensors file per distinct layer input plus a
 ``manifest.json`` written last: no manifest, no Hessian set. Loading checks the manifest
 against the model (layer names, shapes, model fingerprint) and every file (sha256, dtype,
 shape, finiteness) before anything is pruned, and names the offending layer when it refuses.
@@ -13,139 +11,23 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from ..atomic import atomic_directory, save_tensors_atomic, sha256_file, write_json_atomic
+from ..errors import WhisperObsError
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 
 
-class ArtifactError(ValueError):
+class ArtifactError(WhisperObsError, ValueError):
     """An artifact is missing, corrupt, or does not belong to the model at hand."""
-
-
-# ------------------------------------------------------------------ atomic primitives
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-@contextmanager
-def atomic_path(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``target``; on success fsync it and rename into place."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; artifacts are shared
-        os.replace(tmp_path, target)
-        _fsync_dir(target.parent)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-
-
-def write_json_atomic(path: str | Path, obj: object) -> None:
-    write_text_atomic(
-        path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n"
-    )
-
-
-def _json_default(o: object) -> object:
-    if isinstance(o, Path):
-        return str(o)
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def save_tensors_atomic(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict) -> str:
-    """Save safetensors atomically; return the file's sha256."""
-    with atomic_path(path) as tmp:
-        save_file(
-            {k: v.contiguous() for k, v in tensors.items()},
-            str(tmp),
-            metadata={k: str(v) for k, v in meta.items()},
-        )
-        digest = sha256_file(tmp)
-    return digest
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-@contextmanager
-def atomic_directory(target: str | Path) -> Iterator[Path]:
-    """Build a directory in a temporary sibling, then swap it in for ``target``.
-
-    The swap is two renames (old aside, new in place); the old copy is removed afterwards.
-    Readers of a Hessian set also require its manifest, which is written last.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _recover_directory(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
-        yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
-        _fsync_dir(tmp)
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-        os.replace(tmp, target)
-        _fsync_dir(target.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _recover_directory(target: Path) -> None:
-    """Undo what a kill between the two renames of a swap left: the old copy set aside."""
-    if target.exists():
-        return
-    aside = sorted(target.parent.glob(f".{target.name}.old-*"))
-    if aside:
-        os.replace(aside[-1], target)
 
 
 # ------------------------------------------------------------------ model fingerprint
@@ -309,3 +191,43 @@ def load_hessian(path: str | Path, manifest: dict, name: str) -> torch.Tensor:
     if not torch.isfinite(H).all():
         raise ArtifactError(f"Hessian of layer {name!r} contains NaN or Inf: {fpath}")
     return H
+
+
+HessianGetter = Callable[[str], torch.Tensor]
+
+
+def open_hessians(
+    path: str | Path, model: torch.nn.Module, targets: list[str], fingerprint: str
+) -> tuple[dict, HessianGetter]:
+    """Verify the set against the model; return a loader that keeps the last file read."""
+    manifest = check_hessian_set(path, model, targets, fingerprint)
+    cache: dict[str, torch.Tensor] = {}
+
+    def get(name: str) -> torch.Tensor:
+        key = manifest["layers"][name]["file"]
+        if key not in cache:
+            cache.clear()
+            cache[key] = load_hessian(path, manifest, name)
+        return cache[key]
+
+    return manifest, get
+
+
+def reusable_hessians(
+    path: str | Path,
+    model: torch.nn.Module,
+    targets: list[str],
+    fingerprint: str,
+    budget_bytes: int | None,
+) -> tuple[dict, HessianGetter]:
+    """For callers that prune many times (the sweep): every target's H loaded and verified once
+    when the set fits in ``budget_bytes``, else read from disk one at a time."""
+    manifest, load_one = open_hessians(path, model, targets, fingerprint)
+    if budget_bytes is not None and hessian_set_bytes(manifest) > budget_bytes:
+        return manifest, load_one
+    by_file: dict[str, torch.Tensor] = {}
+    for name in targets:
+        f = manifest["layers"][name]["file"]
+        if f not in by_file:
+            by_file[f] = load_hessian(path, manifest, name)
+    return manifest, lambda name: by_file[manifest["layers"][name]["file"]]

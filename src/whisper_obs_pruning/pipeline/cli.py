@@ -11,23 +11,34 @@ from collections.abc import Callable
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+MAX_MESSAGE = 2000  # an error line never quotes an unbounded value
+
+
+def error_line(name: str, exc: BaseException) -> str:
+    """``[stage] error: ...`` on one line, bounded in length."""
+    if isinstance(exc, OSError) and exc.filename:
+        text = f"{exc.strerror or exc} ({exc.filename})"
+    else:
+        text = str(exc)
+    text = " ".join(text.split())
+    if len(text) > MAX_MESSAGE:
+        text = text[: MAX_MESSAGE - 3] + "..."
+    return f"[{name}] error: {text}"
+
 
 def stage_main(
     name: str,
-    body: Callable[[dict, argparse.Namespace], None],
+    body: Callable[..., None],
     add_args: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> None:
     """Parse ``--params FILE`` (default params.yaml), validate, run ``body``; exit 2 on bad input.
 
-    Known input errors (bad params, data, artifacts, models) print one clear line instead of a
-    traceback, and exit non-zero so DVC marks the stage failed and keeps its previous outputs.
+    Every user-facing failure is a ``WhisperObsError`` (bad params, data, artifacts, models,
+    tracking) or an ``OSError`` (a full disk, a read-only folder): one clear line instead of a
+    traceback, and a non-zero exit so DVC marks the stage failed and keeps its old outputs.
     """
-    from .artifacts import ArtifactError
-    from .data import DataError
-    from .methods import PruningError
-    from .models import ModelLoadError
-    from .params import ParamsError, load_params
-    from .tracking import TrackingError
+    from ..errors import WhisperObsError
+    from .params import load_params
 
     parser = argparse.ArgumentParser(prog=f"stages/{name}.py", description=body.__doc__)
     parser.add_argument(
@@ -43,13 +54,9 @@ def stage_main(
     try:
         params = load_params(args.params)
         body(params, args)
-    except (
-        ParamsError,
-        DataError,
-        ArtifactError,
-        PruningError,
-        ModelLoadError,
-        TrackingError,
-    ) as exc:
-        print(f"[{name}] error: {exc}", file=sys.stderr)
+    except (WhisperObsError, OSError) as exc:
+        print(error_line(name, exc), file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"[{name}] interrupted; previous outputs are kept", file=sys.stderr)
+        sys.exit(130)

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..errors import WhisperObsError
+
 if TYPE_CHECKING:
     import torch
     from transformers import WhisperForConditionalGeneration, WhisperProcessor
@@ -30,7 +32,7 @@ __all__ = [
     "cache_dir",
     "resolve_model_dir",
     "load_whisper",
-    "decoder_prompt_ids",
+    "resolve_device",
 ]
 
 # Bump when the converter's output changes so cached conversions are rebuilt.
@@ -38,7 +40,7 @@ CONVERTER_VERSION = 2
 BUNDLED_PREFIX = "bundled:"
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(WhisperObsError, RuntimeError):
     """A model could not be located or loaded; the message says what to do about it."""
 
 
@@ -155,7 +157,7 @@ def _cleanup_stale_tmp(parent: Path, max_age_s: float = 3600.0) -> None:
 def _convert_cached(
     name: str, ct2_dir: Path, parts: list[Path], key: str, info: dict[str, Any]
 ) -> Path:
-    from .ct2 import COMPLETE_MARKER, convert_ct2_to_hf
+    from .ct2_import import COMPLETE_MARKER, convert_ct2_to_hf
 
     root = cache_dir() / "models"
     out = root / f"{name}-{key}"
@@ -243,12 +245,19 @@ def _hub_unreachable(exc: BaseException) -> bool:
     return False
 
 
-def _resolve_device(device: str | torch.device) -> torch.device:
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``auto`` -> cuda when present, else cpu; ``cuda`` without a usable GPU is a clear error."""
     import torch
 
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(
+            f"device {str(device)!r} was asked for, but this machine has no usable CUDA GPU "
+            "(torch.cuda.is_available() is False); use model.device: auto or cpu"
+        )
+    return dev
 
 
 def load_whisper(
@@ -281,61 +290,6 @@ def load_whisper(
             f"could not load {model_id!r} from the Hugging Face hub: {exc}. Offline, use "
             "`model.id: bundled:tiny.en`."
         ) from exc
-    model.to(_resolve_device(device))
+    model.to(resolve_device(device))
     model.eval()
     return model, processor
-
-
-def _language_token(language: str) -> str:
-    from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGUAGE_CODE
-
-    lang = language.strip().lower()
-    if lang.startswith("<|") and lang.endswith("|>"):
-        lang = lang[2:-2]
-    if lang in TO_LANGUAGE_CODE:
-        lang = TO_LANGUAGE_CODE[lang]
-    if lang not in LANGUAGES:
-        raise ValueError(f"unknown Whisper language {language!r}")
-    return f"<|{lang}|>"
-
-
-def decoder_prompt_ids(
-    model: WhisperForConditionalGeneration,
-    processor: WhisperProcessor,
-    language: str | None = "en",
-    task: str = "transcribe",
-) -> list[int]:
-    """Forced decoder prompt for transcription without timestamps.
-
-    English-only: ``[sot, notimestamps]``; multilingual: ``[sot, <|lang|>, <|task|>,
-    notimestamps]`` (``language=None`` omits the language token: no detection is done).
-    Used for teacher-forced calibration and greedy decoding alike.
-    """
-    gc = model.generation_config
-    tok = processor.tokenizer
-    sot = gc.decoder_start_token_id
-    notimestamps = gc.no_timestamps_token_id
-    if notimestamps is None:
-        notimestamps = tok.convert_tokens_to_ids("<|notimestamps|>")
-    if not getattr(gc, "is_multilingual", False):
-        if language is not None and _language_token(language) != "<|en|>":
-            raise ValueError(f"English-only model cannot transcribe language {language!r}")
-        if task != "transcribe":
-            raise ValueError(f"English-only model supports only task='transcribe', not {task!r}")
-        return [int(sot), int(notimestamps)]
-    task_to_id = getattr(gc, "task_to_id", None) or {
-        "transcribe": tok.convert_tokens_to_ids("<|transcribe|>"),
-        "translate": tok.convert_tokens_to_ids("<|translate|>"),
-    }
-    if task not in task_to_id:
-        raise ValueError(f"unknown task {task!r}; expected one of {sorted(task_to_id)}")
-    ids = [int(sot)]
-    if language is not None:
-        lang_tok = _language_token(language)
-        lang_to_id = getattr(gc, "lang_to_id", None) or {}
-        lang_id = lang_to_id.get(lang_tok, tok.convert_tokens_to_ids(lang_tok))
-        if lang_id is None or lang_id == tok.unk_token_id:
-            raise ValueError(f"language token {lang_tok} is not in this model's vocabulary")
-        ids.append(int(lang_id))
-    ids += [int(task_to_id[task]), int(notimestamps)]
-    return ids

@@ -1,0 +1,1 @@
+"""Calibration statistics: forward-hook collection, passes under a memory budget, the store."""

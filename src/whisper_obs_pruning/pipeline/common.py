@@ -1,0 +1,69 @@
+"""What every stage body does first: seed, load a split, pick the targets, log a stage run."""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..hessians.collector import linear_layers
+from ..hessians.store import model_fingerprint
+from ..pruning.targets import select_targets
+from ..speech.datasets import LoadResult, load_utterances
+from .params import Params, SplitSpec
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_split(spec: SplitSpec, name: str) -> LoadResult:
+    result = load_utterances(spec.source, spec.split, limit=spec.max_samples)
+    if result.skipped:
+        log.warning("%s: %s", name, result.summary())
+    return result
+
+
+def targets_for(model: torch.nn.Module, p: Params) -> list[str]:
+    t = p.prune.targets
+    return select_targets(list(linear_layers(model)), t.include, t.exclude)
+
+
+def fingerprint(model: torch.nn.Module) -> str:
+    """The model fingerprint a Hessian set is checked against (all Linears, like calibrate)."""
+    return model_fingerprint(model, list(linear_layers(model)))
+
+
+def check_tracking(p: Params) -> None:
+    """Open the MLflow store before a stage's work, so a bad one fails in seconds."""
+    from . import tracking
+
+    tracking.setup(p.mlflow.experiment, p.mlflow.tracking_uri)
+
+
+def log_stage(p: Params, stage: str, metrics: dict, artifacts: list[Path] = ()) -> None:
+    """One MLflow run per stage execution: all params, the numeric metrics, chosen files."""
+    from . import tracking
+
+    with tracking.run(
+        p.mlflow.experiment,
+        stage,
+        params=p.flat(),
+        tags={"stage": stage},
+        configured_uri=p.mlflow.tracking_uri,
+    ) as mlflow:
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if numeric(v)})
+        for a in artifacts:
+            if Path(a).exists():
+                mlflow.log_artifact(str(a))
+
+
+def numeric(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v

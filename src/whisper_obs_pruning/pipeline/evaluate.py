@@ -1,0 +1,66 @@
+"""The ``evaluate`` stage body: WER/CER of a saved (pruned) model on the evaluation split."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..hessians.store import ArtifactError
+from ..pruning.targets import weight_sparsity
+from ..speech.scoring import evaluate_model
+from ..whisper.loading import load_whisper
+from .common import load_split, seed_everything, targets_for
+from .params import Params
+
+
+def evaluate_on(
+    p: Params, model, processor, utterances, *, progress: bool = True, desc: str = "evaluate"
+) -> tuple[dict, list]:
+    """WER/CER of ``model`` on ``utterances`` with the params' batch size and language."""
+    return evaluate_model(
+        model,
+        processor,
+        utterances,
+        batch_size=p.evaluate.batch_size,
+        language=p.model.language,
+        progress=progress,
+        desc=desc,
+    )
+
+
+def read_report(model_dir: Path) -> dict:
+    """The ``summary`` of a pruned model's ``report.json``; a clear error when it is unusable."""
+    path = model_dir / "report.json"
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))["summary"]
+        for key in ("method", "pattern", "target_sparsity", "prune_seconds"):
+            summary[key]  # noqa: B018 - presence check
+        return summary
+    except FileNotFoundError:
+        raise ArtifactError(
+            f"{path} is missing: {model_dir} is not a pruned model from `prune`"
+        ) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ArtifactError(f"{path} is not a valid prune report ({exc!r}); re-run prune") from None
+
+
+def evaluate(p: Params, model_dir: str | Path, *, progress: bool = True) -> tuple[dict, list]:
+    """WER/CER of the pruned model saved by ``prune`` on the evaluation split."""
+    seed_everything(p.seed)
+    model_dir = Path(model_dir)
+    report = read_report(model_dir)
+    model, processor = load_whisper(str(model_dir / "model"), device=p.model.device)
+    data = load_split(p.data.evaluation, "evaluation")
+    targets = targets_for(model, p)
+    metrics, rows = evaluate_on(p, model, processor, data.utterances, progress=progress)
+    metrics.update(
+        {
+            "method": report["method"],
+            "pattern": report["pattern"],
+            "target_sparsity": report["target_sparsity"],
+            "sparsity": weight_sparsity(model, targets),
+            "skipped_utterances": len(data.skipped),
+            "prune_seconds": report["prune_seconds"],
+        }
+    )
+    return metrics, rows

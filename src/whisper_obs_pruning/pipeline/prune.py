@@ -1,0 +1,90 @@
+"""The ``prune`` stage body: prune with ``prune.*`` from cached Hessians; save model + report."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..atomic import atomic_directory, save_tensors_atomic, write_json_atomic
+from ..hessians.store import open_hessians
+from ..methods import get_method, pattern_name
+from ..pruning.apply import prune_layers
+from ..pruning.sequential import prune_sequential
+from ..pruning.targets import weight_sparsity
+from ..whisper.loading import load_whisper
+from ..whisper.prompt import decoder_prompt_ids
+from ..whisper.sparse_checkpoint import save_sparse, sparse_size_report
+from .common import fingerprint, load_split, seed_everything, targets_for
+from .params import Params
+
+
+def prune(
+    p: Params, hessian_dir: str | Path, out_dir: str | Path, *, progress: bool = True
+) -> dict:
+    """Prune the model; write ``out_dir`` (HF dir, sparse export, masks, report) atomically."""
+    seed_everything(p.seed)
+    pr = p.prune
+    model, processor = load_whisper(p.model.id, device=p.model.device)
+    targets = targets_for(model, p)
+    t0 = time.perf_counter()
+    if pr.sequential:  # Hessians re-collected layer by layer through the pruned layers
+        report = prune_sequential(
+            model,
+            processor,
+            load_split(p.data.calibration, "calibration").utterances,
+            targets,
+            decoder_prompt_ids(model, processor, language=p.model.language),
+            method=pr.method,
+            sparsity=pr.sparsity,
+            pattern=pr.pattern,
+            batch_size=p.calibrate.batch_size,
+            exclude_padding=p.calibrate.exclude_padding,
+            progress=progress,
+            **pr.method_kwargs(),
+        )
+    else:
+        get_h = lambda name: None  # noqa: E731
+        if get_method(pr.method).needs_hessian or pr.allocation == "owl":
+            _, get_h = open_hessians(hessian_dir, model, targets, fingerprint(model))
+        report = prune_layers(
+            model,
+            targets,
+            get_h,
+            method=pr.method,
+            sparsity=pr.sparsity,
+            pattern=pr.pattern_tuple,
+            progress=progress,
+            **pr.method_kwargs(),
+        )
+    seconds = time.perf_counter() - t0
+    modules = dict(model.named_modules())
+    summary = {
+        "method": pr.method,
+        "pattern": pattern_name(pr.pattern_tuple),
+        "target_sparsity": pr.target_sparsity,
+        "sparsity": weight_sparsity(model, targets),
+        "prune_seconds": round(seconds, 2),
+        "num_layers": len(targets),
+        "sequential": pr.sequential,
+        "model_id": p.model.id,
+    }
+    with atomic_directory(out_dir) as tmp:
+        model.save_pretrained(tmp / "model")
+        processor.save_pretrained(tmp / "model")
+        # The same weights, compressed (values + bitmask, or 2:4 packed): smaller on disk.
+        save_sparse(model, tmp / "sparse", targets=targets, processor=processor)
+        sizes = sparse_size_report(tmp / "model", tmp / "sparse")
+        summary.update(
+            {k: sizes[k] for k in ("dense_weights_bytes", "sparse_weights_bytes", "weights_ratio")}
+        )
+        masks = {n: _packbits(modules[n].weight.data == 0) for n in targets}
+        save_tensors_atomic(tmp / "masks.safetensors", masks, {"format": "packbits, row-major"})
+        write_json_atomic(tmp / "report.json", {"summary": summary, "layers": report})
+    return summary
+
+
+def _packbits(mask: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(np.packbits(mask.cpu().numpy().reshape(-1)))

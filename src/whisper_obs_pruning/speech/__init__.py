@@ -1,0 +1,1 @@
+"""Audio and text: decoding/resampling, data sets (embedded, folders, HF), WER/CER scoring."""
