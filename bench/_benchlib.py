@@ -172,11 +172,10 @@ def write_result(path: Path, result: dict, machine: dict) -> None:
     """Write ``result`` with the machine info (end load added) and the exact command line."""
     machine = {**machine, "loadavg_end": loadavg()}
     payload = {"command": command_line(), "cwd": os.getcwd(), "machine": machine, **result}
+    from whisper_obs_pruning.atomic import write_text_atomic
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=_json_default) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(payload, indent=2, default=_json_default) + "\n")
     print(f"wrote {path}")
 
 

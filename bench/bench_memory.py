@@ -69,8 +69,12 @@ def worker(spec: dict) -> dict:
         run_calibration,
     )
     from whisper_obs_pruning.hessians.collector import HessianCollector, linear_layers
-    from whisper_obs_pruning.hessians.store import hessian_set_bytes, hessian_set_writer
-    from whisper_obs_pruning.pipeline.stages import reusable_hessians
+    from whisper_obs_pruning.hessians.store import (
+        hessian_set_bytes,
+        hessian_set_writer,
+        reusable_hessians,
+    )
+    from whisper_obs_pruning.pipeline.common import fingerprint
     from whisper_obs_pruning.pruning import prune_layers
     from whisper_obs_pruning.speech.datasets import load_utterances
     from whisper_obs_pruning.whisper.prompt import decoder_prompt_ids
@@ -81,6 +85,8 @@ def worker(spec: dict) -> dict:
     utts = load_utterances("embedded", "calibration", limit=spec["n"]).utterances
     prompt = decoder_prompt_ids(model, processor, language="en")
     layers = linear_layers(model)
+    fp = fingerprint(model)  # before the measured section: it copies every weight
+    max_bytes = None if spec.get("max_mb") is None else int(spec["max_mb"] * MiB)
     out: dict = {"phase": spec["phase"], "max_mb": spec.get("max_mb")}
     t0 = time.perf_counter()
     with bl.PeakMemory(spec["device"]) as mem:
@@ -88,7 +94,6 @@ def worker(spec: dict) -> dict:
             with HessianCollector({}) as nothing:
                 run_calibration(model, processor, utts, nothing, prompt, batch_size=spec["batch"])
         elif spec["phase"] == "calibrate":
-            max_bytes = None if spec["max_mb"] is None else int(spec["max_mb"] * MiB)
             with hessian_set_writer(spec["hdir"]) as writer:
                 counts, layout = calibrate_in_passes(
                     model,
@@ -101,7 +106,9 @@ def worker(spec: dict) -> dict:
                     batch_size=spec["batch"],
                     progress=False,
                 )
-                manifest = writer.finish(layout.shared_with, {"model_id": spec["model"]})
+                manifest = writer.finish(
+                    layout.shared_with, {"model_id": spec["model"], "model_fingerprint": fp}
+                )
             out.update(
                 passes=counts["passes"],
                 peak_accumulator_mb=round(counts["peak_accumulator_bytes"] / MiB, 1),
@@ -113,8 +120,7 @@ def worker(spec: dict) -> dict:
             )
         else:  # prune: every Linear but proj_out, SparseGPT 50%, Hessians held or streamed
             targets = [n for n in layers if n != "proj_out"]
-            p = {"calibrate": {"max_hessian_mb": spec["max_mb"]}}
-            _, get_hessian = reusable_hessians(p, spec["hdir"], model, targets)
+            _, get_hessian = reusable_hessians(spec["hdir"], model, targets, fp, max_bytes)
             prune_layers(
                 model, targets, get_hessian, method="sparsegpt", sparsity=0.5, progress=False
             )

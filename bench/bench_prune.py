@@ -132,7 +132,7 @@ def main() -> None:
     ap.add_argument("--heldout-clips", type=int, default=32, help="other clips for the error")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument(
-        "--methods", type=bl.csv_list(), default=["magnitude", "diagonal", "sparsegpt", "obs"]
+        "--methods", type=bl.csv_list(), default=None, help="default: every registered method"
     )
     ap.add_argument(
         "--patterns",
@@ -167,15 +167,17 @@ def main() -> None:
         teacher_forced_batches,
     )
     from whisper_obs_pruning.hessians.collector import HessianCollector, linear_layers
-    from whisper_obs_pruning.methods import METHODS
+    from whisper_obs_pruning.methods import REGISTRY
     from whisper_obs_pruning.pruning import prune_layers, select_targets
     from whisper_obs_pruning.speech.datasets import load_utterances
     from whisper_obs_pruning.whisper.loading import load_whisper
     from whisper_obs_pruning.whisper.prompt import decoder_prompt_ids
 
+    if args.methods is None:
+        args.methods = list(REGISTRY)
     for m in args.methods:
-        if m not in METHODS:
-            raise SystemExit(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+        if m not in REGISTRY:
+            raise SystemExit(f"unknown method {m!r}; choose from {', '.join(REGISTRY)}")
 
     model, processor = load_whisper(args.model, device=device)
     prompt = decoder_prompt_ids(model, processor)

@@ -1,7 +1,7 @@
 """The quality frontier: WER and CER per method x sparsity (and N:M), with the dense baseline.
 
-Runs the library's own sweep (``sweep.run_sweep``) with a params dict built from
-``params.DEFAULTS``, isolated from the main pipeline: the Hessian set, the sweep's checkpoint
+Runs the library's own sweep (``pipeline.sweep.run_sweep``) with typed params built from the
+defaults (``Params().updated(...)``), isolated from the main pipeline: the Hessian set, the sweep's checkpoint
 (state) and its outputs live under ``--work-dir`` (default ``metrics/bench/quality/``) and MLflow
 logs to ``sqlite:///<work-dir>/mlflow.db`` (``MLFLOW_TRACKING_URI`` is overridden for this
 process, since it would otherwise win over the params). Finished points are checkpointed, so
@@ -17,7 +17,6 @@ the prune (minutes for obs). Narrow it with ``--methods``, ``--sparsities``, ``-
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -28,7 +27,7 @@ from pathlib import Path
 import _benchlib as bl
 
 
-def _hessians_reusable(hdir: Path, p: dict) -> bool:
+def _hessians_reusable(hdir: Path, p) -> bool:
     mpath = hdir / "manifest.json"
     if not mpath.is_file():
         return False
@@ -37,13 +36,14 @@ def _hessians_reusable(hdir: Path, p: dict) -> bool:
     except (OSError, json.JSONDecodeError):
         return False
     cal = m.get("calibration", {})
-    want = p["data"]["calibration"]
+    want = p.data.calibration
     return (
-        m.get("model_id") == p["model"]["id"]
+        m.get("model_id") == p.model.id
         and m.get("hessian") == "full"
-        and cal.get("source") == want["source"]
-        and cal.get("split") == want["split"]
-        and cal.get("max_samples") == want["max_samples"]
+        and m.get("exclude_padding", False) == p.calibrate.exclude_padding
+        and cal.get("source") == want.source
+        and cal.get("split") == want.split
+        and cal.get("max_samples") == want.max_samples
     )
 
 
@@ -100,7 +100,7 @@ def main() -> None:
     ap = bl.base_parser(__doc__.splitlines()[0], "quality")
     ap.add_argument("--model", default="bundled:tiny.en")
     ap.add_argument(
-        "--methods", type=bl.csv_list(), default=["magnitude", "diagonal", "sparsegpt", "obs"]
+        "--methods", type=bl.csv_list(), default=None, help="default: every registered method"
     )
     ap.add_argument("--sparsities", type=bl.csv_list(float), default=[0.3, 0.5, 0.6, 0.7])
     ap.add_argument(
@@ -121,9 +121,13 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("whisper_obs_pruning.pipeline.sweep").setLevel(logging.INFO)
 
-    from whisper_obs_pruning.pipeline import stages as pipeline
-    from whisper_obs_pruning.pipeline.params import DEFAULTS, validate
+    from whisper_obs_pruning.methods import REGISTRY
+    from whisper_obs_pruning.pipeline.calibrate import calibrate
+    from whisper_obs_pruning.pipeline.params import Params
     from whisper_obs_pruning.pipeline.sweep import run_sweep
+
+    if args.methods is None:
+        args.methods = list(REGISTRY)
 
     work = args.work_dir.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -133,32 +137,36 @@ def main() -> None:
     uri = f"sqlite:///{work / 'mlflow.db'}"
     os.environ["MLFLOW_TRACKING_URI"] = uri  # wins over params in tracking.tracking_uri
 
-    p = copy.deepcopy(DEFAULTS)
-    p["model"]["id"] = args.model
-    p["model"]["device"] = device
-    p["data"]["evaluation"]["max_samples"] = args.limit
-    p["data"]["calibration"]["max_samples"] = args.calib_clips
-    p["evaluate"]["batch_size"] = args.batch_size
-    p["sweep"]["methods"] = args.methods
-    p["sweep"]["sparsities"] = args.sparsities
-    p["sweep"]["patterns"] = [x for x in args.patterns if x and x != "unstructured"]
-    p["mlflow"]["experiment"] = "whisper-obs-bench"
-    p["mlflow"]["tracking_uri"] = uri
-    validate(p)
+    p = Params().updated(
+        {
+            "model.id": args.model,
+            "model.device": device,
+            "data.evaluation.max_samples": args.limit,
+            "data.calibration.max_samples": args.calib_clips,
+            "calibrate.hessian": "full",
+            "evaluate.batch_size": args.batch_size,
+            "sweep.methods": args.methods,
+            "sweep.sparsities": args.sparsities,
+            "sweep.patterns": [x for x in args.patterns if x and x != "unstructured"],
+            "mlflow.experiment": "whisper-obs-bench",
+            "mlflow.tracking_uri": uri,
+        }
+    )
+    patterns = list(p.sweep.patterns)
 
     hdir = args.hessians or work / "hessians"
     calib_info = {"reused": True, "dir": str(hdir)}
     if args.hessians is None and not _hessians_reusable(hdir, p):
         print(f"calibrating {args.model} -> {hdir} ...", flush=True)
         t0 = time.perf_counter()
-        calib_info = {**pipeline.calibrate(p, hdir, progress=False), "reused": False}
+        calib_info = {**calibrate(p, hdir, progress=False), "reused": False}
         calib_info["stage_seconds"] = round(time.perf_counter() - t0, 1)
         calib_info["dir"] = str(hdir)
     state_dir = work / "state"
     if args.fresh and state_dir.exists():
         shutil.rmtree(state_dir)
 
-    n_points = len(args.methods) * (len(args.sparsities) + len(p["sweep"]["patterns"]))
+    n_points = len(args.methods) * (len(args.sparsities) + len(patterns))
     print(
         f"sweep: {n_points} points + dense on "
         f"{args.limit or 'all'} evaluation clips; MLflow -> {uri}",
@@ -185,7 +193,7 @@ def main() -> None:
         for pt in summary["points"]
     ]
 
-    cols = [f"{s:.0%}" for s in args.sparsities] + p["sweep"]["patterns"]
+    cols = [f"{s:.0%}" for s in args.sparsities] + patterns
 
     def cell(m: str, col: str, key: str) -> str:
         for r in rows:
@@ -255,7 +263,7 @@ def main() -> None:
             "num_utterances": n_utts,
             "methods": args.methods,
             "sparsities": args.sparsities,
-            "patterns": p["sweep"]["patterns"],
+            "patterns": patterns,
             "dense": dense,
             "points": rows,
             "sweep_seconds": round(sweep_seconds, 1),
@@ -265,7 +273,7 @@ def main() -> None:
             "sweep_outputs": str(work / "sweep"),
             "plot": str(png),
             "markdown": {"wer": tables["wer"], "cer": tables["cer"], "all": long},
-            "params": p,
+            "params": p.model_dump(),
         },
         machine,
     )

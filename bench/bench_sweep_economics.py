@@ -2,13 +2,13 @@
 and how fast evaluation is (batched, unbatched, plain HF ``generate``).
 
 Measured in this run (the parts):
-- ``calibrate``: the calibrate stage, ``pipeline.calibrate`` (load model and data, Hessians of
+- ``calibrate``: the calibrate stage, ``pipeline.calibrate.calibrate`` (load model and data, Hessians of
   every Linear over the calibration split, save the verified Hessian set);
-- ``load_hessians``: ``reusable_hessians`` (every H sha256-verified and loaded once);
+- ``load_hessians``: ``hessians.store.reusable_hessians`` (every H sha256-verified and loaded once);
 - ``prune[m]``: ``prune_layers`` of every target layer at 50% for each method m of the grid;
 - ``evaluate``: WER of one pruned point (sparsegpt at 50%; the first method when sparsegpt
-  is not in the grid) on the evaluation clips, as the sweep does it (``evaluate_model``,
-  batch 16), and of the dense model.
+  is not in the grid) on the evaluation clips, as the sweep does it (``evaluate_on``,
+  ``evaluate.batch_size``), and of the dense model.
 
 The sweep totals are then *computed from those measured parts* (not measured end to end):
 
@@ -26,7 +26,6 @@ Evaluation throughput is measured side by side on the same clips with the dense 
 
 from __future__ import annotations
 
-import copy
 import shutil
 import tempfile
 import time
@@ -53,19 +52,19 @@ def main() -> None:
         "--methods",
         type=bl.csv_list(),
         default=None,
-        help="methods whose prune time is measured (default: params.DEFAULTS sweep.methods)",
+        help="methods whose prune time is measured (default: Params().sweep.methods)",
     )
     ap.add_argument(
         "--grid-sparsities",
         type=bl.csv_list(float),
         default=None,
-        help="sparsities of the sweep being costed (default: params.DEFAULTS)",
+        help="sparsities of the sweep being costed (default: Params().sweep.sparsities)",
     )
     ap.add_argument(
         "--grid-patterns",
         type=bl.csv_list(),
         default=None,
-        help="N:M patterns of the sweep being costed (default: params.DEFAULTS)",
+        help="N:M patterns of the sweep being costed (default: Params().sweep.patterns)",
     )
     ap.add_argument("--throughput-clips", type=int, default=32)
     ap.add_argument("--hf-batch-size", type=int, default=16)
@@ -75,27 +74,31 @@ def main() -> None:
     device = bl.setup_torch(args)
     machine = bl.machine_info(device)
 
-    from whisper_obs_pruning.pipeline import stages as pipeline
-    from whisper_obs_pruning.pipeline.params import DEFAULTS, validate
+    from whisper_obs_pruning.hessians.store import reusable_hessians
+    from whisper_obs_pruning.pipeline.calibrate import calibrate
+    from whisper_obs_pruning.pipeline.common import fingerprint, load_split, targets_for
+    from whisper_obs_pruning.pipeline.evaluate import evaluate_on
+    from whisper_obs_pruning.pipeline.params import Params
     from whisper_obs_pruning.pruning import prune_layers
     from whisper_obs_pruning.speech.datasets import load_utterances
     from whisper_obs_pruning.speech.scoring import evaluate_model, score
     from whisper_obs_pruning.whisper.loading import load_whisper
     from whisper_obs_pruning.whisper.prompt import decoder_prompt_ids
 
-    p = copy.deepcopy(DEFAULTS)
-    p["model"]["id"] = args.model
-    p["model"]["device"] = device
-    p["data"]["calibration"]["max_samples"] = args.calib_clips
-    p["data"]["evaluation"]["max_samples"] = args.eval_clips
+    changes: dict[str, object] = {
+        "model.id": args.model,
+        "model.device": device,
+        "data.calibration.max_samples": args.calib_clips,
+        "data.evaluation.max_samples": args.eval_clips,
+    }
     if args.methods:
-        p["sweep"]["methods"] = args.methods
+        changes["sweep.methods"] = args.methods
     if args.grid_sparsities:
-        p["sweep"]["sparsities"] = args.grid_sparsities
+        changes["sweep.sparsities"] = args.grid_sparsities
     if args.grid_patterns is not None:
-        p["sweep"]["patterns"] = args.grid_patterns
-    validate(p)
-    methods = p["sweep"]["methods"]
+        changes["sweep.patterns"] = [x for x in args.grid_patterns if x and x != "unstructured"]
+    p = Params().updated(changes)
+    methods = list(p.sweep.methods)
     parts: dict[str, float] = {}
 
     tmp = tempfile.mkdtemp(prefix="whisper-obs-bench-hessians-")
@@ -106,7 +109,7 @@ def main() -> None:
         parts["model_load"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        cal = pipeline.calibrate(p, tmp, progress=False)
+        cal = calibrate(p, tmp, progress=False)
         parts["calibrate"] = time.perf_counter() - t0
         print(
             f"  calibrate stage: {parts['calibrate']:.1f} s ({cal['utterances']} clips; "
@@ -114,24 +117,24 @@ def main() -> None:
             flush=True,
         )
 
-        targets = pipeline.targets_for(model, p)
+        targets = targets_for(model, p)
         t0 = time.perf_counter()
-        _, get_hessian = pipeline.reusable_hessians(p, tmp, model, targets)
+        _, get_hessian = reusable_hessians(
+            tmp, model, targets, fingerprint(model), p.calibrate.max_hessian_bytes
+        )
         parts["load_hessians"] = time.perf_counter() - t0
         print(f"  load Hessians: {parts['load_hessians']:.1f} s", flush=True)
 
         modules = dict(model.named_modules())
         dense = {n: modules[n].weight.data.clone() for n in targets}
-        eval_utts = pipeline.load_split(p, "evaluation").utterances
+        eval_utts = load_split(p.data.evaluation, "evaluation").utterances
 
         def restore() -> None:
             for n in targets:
                 modules[n].weight.data.copy_(dense[n])
 
         t0 = time.perf_counter()
-        dense_metrics, _ = evaluate_model(
-            model, processor, eval_utts, batch_size=p["evaluate"]["batch_size"], progress=False
-        )
+        dense_metrics, _ = evaluate_on(p, model, processor, eval_utts, progress=False)
         parts["evaluate_dense"] = time.perf_counter() - t0
         print(
             f"  dense eval: {parts['evaluate_dense']:.1f} s on {len(eval_utts)} clips, "
@@ -157,7 +160,7 @@ def main() -> None:
                         method=m,
                         sparsity=0.5,
                         progress=False,
-                        **pipeline.prune_kwargs(p),
+                        **p.prune.method_kwargs(),
                     ),
                     device,
                 )
@@ -170,13 +173,7 @@ def main() -> None:
             if point_method is None and m == evaluated:
                 point_method = m
                 t0 = time.perf_counter()
-                point_metrics, _ = evaluate_model(
-                    model,
-                    processor,
-                    eval_utts,
-                    batch_size=p["evaluate"]["batch_size"],
-                    progress=False,
-                )
+                point_metrics, _ = evaluate_on(p, model, processor, eval_utts, progress=False)
                 parts["evaluate_point"] = time.perf_counter() - t0
                 print(
                     f"  eval {m} 50%: {parts['evaluate_point']:.1f} s, "
@@ -218,7 +215,7 @@ def main() -> None:
             "calibration_share_cached": round(parts["calibrate"] / cached, 3),
         }
 
-    grid = costs(methods, len(p["sweep"]["sparsities"]), len(p["sweep"]["patterns"] or []))
+    grid = costs(methods, len(p.sweep.sparsities), len(p.sweep.patterns))
     scenarios = [grid]
     for s in (4, 8):
         if s != grid["sparsities"]:

@@ -83,3 +83,47 @@ def test_stage_commands_name_their_paths():
             name = next(iter(out)) if isinstance(out, dict) else out
             if not name.endswith(".csv"):
                 assert name in cmd or name.split("/")[0] in cmd, (stage, name)
+
+
+def test_every_user_facing_error_is_one_class_the_cli_catches():
+    """Bug (issue 10): the CLI kept a hand list of error classes and missed some
+    (SparseFormatError, the CT2 reader's ValueErrors). Now every error class subclasses
+    WhisperObsError, which is what the CLI catches."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import whisper_obs_pruning
+    from whisper_obs_pruning.errors import WhisperObsError
+
+    control_flow = {"StopForward"}  # ends a forward pass early; never reaches a user
+    found = []
+    for info in pkgutil.walk_packages(whisper_obs_pruning.__path__, "whisper_obs_pruning."):
+        module = importlib.import_module(info.name)
+        for name, obj in inspect.getmembers(module, inspect.isclass):
+            if issubclass(obj, Exception) and obj.__module__ == info.name:
+                found.append(name)
+                if name not in control_flow:
+                    assert issubclass(obj, WhisperObsError), f"{info.name}.{name}"
+    assert {"SparseFormatError", "CT2FormatError", "ParamsError", "PruningError"} <= set(found)
+
+
+def test_exported_function_is_not_replaced_by_its_module():
+    """Bug (issue 11): `from whisper_obs_pruning import transcribe` gave the submodule once
+    any module had imported `.transcribe`."""
+    import importlib
+
+    import whisper_obs_pruning
+
+    importlib.import_module("whisper_obs_pruning.whisper.decoding")
+    from whisper_obs_pruning import transcribe
+
+    assert callable(transcribe) and transcribe.__name__ == "transcribe"
+    for name in whisper_obs_pruning.__all__:
+        assert not inspect_is_module(getattr(whisper_obs_pruning, name)), name
+
+
+def inspect_is_module(obj) -> bool:
+    import types
+
+    return isinstance(obj, types.ModuleType)

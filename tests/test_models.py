@@ -175,9 +175,11 @@ def test_transcribe_matches_hf_generate(converted_tiny, clips, tiny_tokens):
 
 
 def test_token_cap_bounds_output(converted_tiny, clips):
-    assert default_token_cap(5.0, prompt_len=2) == 56  # ceil(8 * 5) + 16
-    assert default_token_cap(29.9, prompt_len=4) == 256
-    assert default_token_cap(100.0, prompt_len=4) == 444  # never beyond 448 positions
+    assert default_token_cap(5.0, prompt_len=2, max_target_positions=448) == 56  # ceil(8 * 5) + 16
+    assert default_token_cap(29.9, prompt_len=4, max_target_positions=448) == 256
+    assert (
+        default_token_cap(100.0, prompt_len=4, max_target_positions=448) == 444
+    )  # never beyond 448 positions
     model, processor = converted_tiny
     out = transcribe_tokens(model, processor, clips[:2], max_new_tokens=3, progress=False)
     assert all(len(s) <= 3 for s in out)

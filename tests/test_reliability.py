@@ -83,6 +83,13 @@ def test_bad_params_name_the_key(tmp_path, over, message):
         load_params(write_params(tmp_path, over))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_a_gpu_is_refused_naming_the_key(tmp_path):
+    """Bug (issue 10): model.device: cuda passed validation and died later with a traceback."""
+    with pytest.raises(ParamsError, match="model.device = 'cuda' but this machine has no usable"):
+        load_params(write_params(tmp_path, {"model.device": "cuda"}))
+
+
 def test_params_read_as_yaml_1_2_like_dvc_writes_them(tmp_path):
     """`dvc exp run -S` rewrites params.yaml unquoted: 2:4 must stay a pattern, 1e-4 a float."""
     path = tmp_path / "params.yaml"
@@ -437,3 +444,82 @@ def test_interrupted_sweep_resumes_without_duplicate_runs(hessian_set, tmp_path)
     ).fetchall()
     points = [c[0] for c in children if c[0] != "dense"]
     assert len(points) == len(set(points)) == 4  # no point logged twice
+
+
+def test_yaml_alias_bomb_is_refused_before_expanding(tmp_path):
+    """Issue 16: a 'billion laughs' params file grew the process past 3 GB."""
+    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for prev, name in zip("abcdef", "bcdefg", strict=True):
+        lines.append(f"{name}: &{name} [" + ",".join([f"*{prev}"] * 9) + "]")
+    path = tmp_path / "params.yaml"
+    path.write_text("\n".join(lines) + "\nseed: *g\n")
+    with pytest.raises(ParamsError, match=r"line 2: YAML aliases \(\*a\) are not allowed"):
+        load_params(path)
+
+
+@pytest.mark.parametrize(
+    ("over", "message"),
+    [
+        ({"seed": -1}, r"seed = -1 must be an integer in \[0, 2\*\*32\)"),
+        ({"seed": 2**40}, "seed = 1099511627776 must be an integer"),
+        ({"calibrate.max_hessian_mb": float("inf")}, "calibrate.max_hessian_mb = inf must be"),
+        ({"prune.rel_damp": float("inf")}, "prune.rel_damp = inf must be a finite number"),
+        ({"model.language": "klingon"}, "model.language = 'klingon' is not a Whisper language"),
+        ({"model.language": 7}, "model.language = 7 must be a non-empty string"),
+        ({"mlflow.tracking_uri": 123}, "mlflow.tracking_uri = 123 must be a non-empty string"),
+        ({"prune.pattern": {"n": 2}}, "prune.pattern = {'n': 2} must be 'unstructured' or an"),
+        ({"prune.pattern": 24}, "prune.pattern = 24 must be"),
+        ({"data.evaluation.split": 3}, "data.evaluation.split = 3 must be a non-empty string"),
+        ({"model": ["a"]}, "model must be a mapping"),
+        ({"prune.targets.include": []}, "include = \\[\\] selects no layer"),
+        ({"model.id": "x" * 2000}, r"model.id = 'xxxx.*\.\.\. is too long"),
+    ],
+)
+def test_wrong_types_and_ranges_are_refused_naming_the_key(tmp_path, over, message):
+    """Issue 16: these ended in tracebacks (AttributeError, numpy/linalg errors, OSError)."""
+    with pytest.raises(ParamsError, match=message):
+        load_params(write_params(tmp_path, over))
+
+
+def test_params_not_utf8_is_refused(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_bytes(b"seed: 0\nmodel:\n  id: \xff\xfe\n")
+    with pytest.raises(ParamsError, match="is not UTF-8"):
+        load_params(path)
+
+
+def _edit_manifest(d: Path, edit) -> None:
+    m = json.loads((d / "manifest.json").read_text())
+    m = edit(m) or m
+    (d / "manifest.json").write_text(json.dumps(m))
+
+
+def test_swapped_manifest_entries_are_refused(hessian_set, tmp_path):
+    """Issue 16: two same-shaped layers' entries swapped were pruned with each other's H."""
+    d = copy_set(hessian_set, tmp_path / "h")
+    a, b = "model.encoder.layers.0.fc2", "model.encoder.layers.1.fc2"
+
+    def swap(m):
+        m["layers"][a], m["layers"][b] = m["layers"][b], m["layers"][a]
+
+    _edit_manifest(d, swap)
+    with pytest.raises(ArtifactError, match="was written for layer 'model.encoder.layers.1.fc2'"):
+        load_hessian(d, read_manifest(d), a)
+
+
+@pytest.mark.parametrize("damage", ["no_shape", "list", "layers_list", "no_fingerprint"])
+def test_damaged_manifest_is_refused_clearly(hessian_set, tmp_path, tiny, damage):
+    d = copy_set(hessian_set, tmp_path / "h")
+    name = "model.decoder.layers.2.fc2"
+    edits = {
+        "no_shape": lambda m: m["layers"][name].pop("shape") and None,
+        "list": lambda m: [m],
+        "layers_list": lambda m: {**m, "layers": list(m["layers"].values())},
+        "no_fingerprint": lambda m: m.pop("model_fingerprint") and None,
+    }
+    _edit_manifest(d, edits[damage])
+    model = tiny[0]
+    with pytest.raises(ArtifactError, match="damaged|not a whisper-obs|another model"):
+        check_hessian_set(
+            d, model, targets_of(model), model_fingerprint(model, list(linear_layers(model)))
+        )

@@ -45,9 +45,8 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``target``; on success fsync it and rename into place."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    remove_stale_temps(target.parent, target.name)
+    tmp_path = temp_sibling(target, directory=False)
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
@@ -99,21 +98,75 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(parent: Path, name: str) -> list[Path]:
+    """Remove temp siblings of ``name`` left by writers that died (SIGTERM, SIGKILL, power).
+
+    Temp names carry the writer's pid (``.<name>.<pid>.<random>.tmp``); one whose process is
+    gone is debris. A live writer's temp (a concurrent process) is left alone.
+    """
+    removed = []
+    for p in parent.glob(f".{name}.*.tmp"):
+        parts = p.name[len(name) + 2 :].split(".")
+        if not parts or not parts[0].isdigit():
+            continue
+        pid = int(parts[0])
+        if pid != os.getpid() and not _pid_alive(pid):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def temp_sibling(target: Path, *, directory: bool) -> Path:
+    """A fresh temp path next to ``target`` (same filesystem, so a rename is atomic)."""
+    prefix, suffix = f".{target.name}.{os.getpid()}.", ".tmp"
+    if directory:
+        return Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=target.parent))
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=target.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
 @contextmanager
-def atomic_directory(target: str | Path) -> Iterator[Path]:
+def atomic_directory(target: str | Path, *, overwrite: bool = True) -> Iterator[Path]:
     """Build a directory in a temporary sibling, then swap it in for ``target``.
 
-    The swap is two renames (old aside, new in place); the old copy is removed afterwards.
-    Readers of a Hessian set also require its manifest, which is written last.
+    Every file is fsync'ed and made readable per the umask; the swap is two renames (old
+    aside, new in place) and the old copy is removed afterwards. ``overwrite=False``: if
+    ``target`` exists when the build is done (a concurrent writer won), theirs is kept and
+    ours discarded. Debris of writers that died is removed first.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     _recover_directory(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    remove_stale_temps(target.parent, target.name)
+    tmp = temp_sibling(target, directory=True)
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
+        umask = _umask()
+        for f in sorted(tmp.rglob("*")):
+            if f.is_file():
+                os.chmod(f, 0o666 & ~umask)
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            elif f.is_dir():
+                os.chmod(f, 0o777 & ~umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700
         _fsync_dir(tmp)
+        if target.exists() and not overwrite:
+            return
         old = None
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")

@@ -14,6 +14,7 @@ same batches in the same order, so the Hessians equal those of one pass bit for 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -27,13 +28,28 @@ from tqdm.auto import tqdm
 from ..speech.datasets import Utterance
 from .collector import HessianCollector, LayerHessian, StopForward
 
-SAMPLES_PER_ENCODER_FRAME = 320  # hop 160 samples per mel frame, conv2 stride 2
-ENCODER_FRAMES = 1500
+
+@functools.lru_cache(maxsize=1)
+def _default_feature_extractor():
+    from transformers import WhisperFeatureExtractor
+
+    return WhisperFeatureExtractor()
 
 
-def encoder_valid_frames(num_samples: int) -> int:
+def encoder_geometry(feature_extractor=None) -> tuple[int, int]:
+    """(audio samples per encoder frame, encoder frames per window), from the feature extractor.
+
+    The encoder's second convolution has stride 2, so one output frame covers two mel hops
+    (tiny..large: 320 samples, 1500 frames for the 30 s window).
+    """
+    fe = feature_extractor or _default_feature_extractor()
+    return 2 * fe.hop_length, fe.nb_max_frames // 2
+
+
+def encoder_valid_frames(num_samples: int, feature_extractor=None) -> int:
     """Encoder output frames that hold audio; the rest of the 30 s window is zero padding."""
-    return min(ENCODER_FRAMES, max(1, math.ceil(num_samples / SAMPLES_PER_ENCODER_FRAME)))
+    per_frame, frames = encoder_geometry(feature_extractor)
+    return min(frames, max(1, math.ceil(num_samples / per_frame)))
 
 
 def teacher_forced_batches(
@@ -44,25 +60,30 @@ def teacher_forced_batches(
     *,
     exclude_padding: bool = False,
     eot: int | None = None,
+    max_tokens: int | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor] | None]]:
     """Yield (input_features, decoder_input_ids, row_masks) per batch.
 
     Decoder inputs are ``prompt + tokens(" " + text)``; the end-of-text token is predicted, never
     fed, so it is not an input row. Batches are right-padded; padded rows are masked out.
+    ``max_tokens`` (the model's ``max_target_positions``) cuts longer transcripts.
     """
+    fe = processor.feature_extractor
+    _, frames = encoder_geometry(fe)
     tok = processor.tokenizer
     pad = eot if eot is not None else tok.eos_token_id
     for start in range(0, len(utterances), batch_size):
         batch = utterances[start : start + batch_size]
         feats = processor.feature_extractor(
             [np.asarray(u.audio, dtype=np.float32) for u in batch],
-            sampling_rate=16000,
+            sampling_rate=fe.sampling_rate,
             return_tensors="pt",
         ).input_features
         ids = [
             prompt + tok(" " + u.text.strip(), add_special_tokens=False).input_ids for u in batch
         ]
-        ids = [seq[:448] for seq in ids]
+        if max_tokens is not None:
+            ids = [seq[:max_tokens] for seq in ids]
         T = max(len(s) for s in ids)
         dec = torch.full((len(batch), T), pad, dtype=torch.long)
         dec_mask = torch.zeros(len(batch), T, dtype=torch.bool)
@@ -71,9 +92,9 @@ def teacher_forced_batches(
             dec_mask[i, : len(seq)] = True
         masks = None
         if exclude_padding:
-            enc_mask = torch.zeros(len(batch), ENCODER_FRAMES, dtype=torch.bool)
+            enc_mask = torch.zeros(len(batch), frames, dtype=torch.bool)
             for i, u in enumerate(batch):
-                enc_mask[i, : encoder_valid_frames(len(u.audio))] = True
+                enc_mask[i, : encoder_valid_frames(len(u.audio), fe)] = True
             masks = {"encoder": enc_mask, "decoder": dec_mask}
         else:
             masks = {"decoder": dec_mask}
@@ -112,7 +133,12 @@ def run_calibration(
     bar = tqdm(total=len(utterances), desc=desc, unit="utt", disable=not progress)
     try:
         for feats, dec, masks in teacher_forced_batches(
-            utterances, processor, prompt, batch_size, exclude_padding=exclude_padding
+            utterances,
+            processor,
+            prompt,
+            batch_size,
+            exclude_padding=exclude_padding,
+            max_tokens=model.config.max_target_positions,
         ):
             collector.new_batch({k: v.to(device) for k, v in masks.items()})
             inputs = (
@@ -124,7 +150,11 @@ def run_calibration(
                 model(**inputs, decoder_input_ids=dec.to(device), use_cache=False)
             n_batches += 1
             n_tokens += int(masks["decoder"].sum())
-            n_frames += int(masks["encoder"].sum()) if "encoder" in masks else len(feats) * 1500
+            n_frames += (
+                int(masks["encoder"].sum())
+                if "encoder" in masks
+                else len(feats) * encoder_geometry(processor.feature_extractor)[1]
+            )
             bar.update(feats.shape[0])
     finally:
         if handle is not None:

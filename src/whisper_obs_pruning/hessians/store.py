@@ -16,8 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 
 from ..atomic import atomic_directory, save_tensors_atomic, sha256_file, write_json_atomic
 from ..errors import WhisperObsError
@@ -129,9 +128,35 @@ def read_manifest(path: str | Path) -> dict:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ArtifactError(f"{mpath} is not valid JSON: {exc}") from exc
-    if manifest.get("format_version") != FORMAT_VERSION or "layers" not in manifest:
+    if (
+        not isinstance(manifest, dict)
+        or manifest.get("format_version") != FORMAT_VERSION
+        or not isinstance(manifest.get("layers"), dict)
+    ):
         raise ArtifactError(f"{mpath} is not a whisper-obs Hessian manifest (format_version 1)")
+    for name, entry in manifest["layers"].items():
+        _check_entry(mpath, name, entry)
     return manifest
+
+
+def _check_entry(mpath: Path, name: str, entry: object) -> None:
+    """Every field a reader uses, with its type: a damaged manifest names the layer."""
+    ok = (
+        isinstance(entry, dict)
+        and isinstance(entry.get("file"), str)
+        and "/" not in entry["file"]
+        and isinstance(entry.get("sha256"), str)
+        and isinstance(entry.get("shape"), list)
+        and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in entry["shape"])
+        and len(entry["shape"]) in (1, 2)
+        and isinstance(entry.get("n_samples"), int)
+        and (entry.get("shared_with") is None or isinstance(entry["shared_with"], str))
+    )
+    if not ok:
+        raise ArtifactError(
+            f"{mpath}: the entry of layer {name!r} is damaged (needs file, sha256, shape, "
+            "n_samples, shared_with); re-run calibrate"
+        )
 
 
 def hessian_set_bytes(manifest: dict) -> int:
@@ -145,7 +170,7 @@ def check_hessian_set(
 ) -> dict:
     """Refuse a Hessian set that does not match the model, before any pruning happens."""
     manifest = read_manifest(path)
-    if fingerprint is not None and manifest.get("model_fingerprint") not in (None, fingerprint):
+    if fingerprint is not None and manifest.get("model_fingerprint") != fingerprint:
         raise ArtifactError(
             f"Hessians in {path} were computed for another model "
             f"(model {manifest.get('model_id')!r}, fingerprint {manifest.get('model_fingerprint')}"
@@ -179,7 +204,9 @@ def load_hessian(path: str | Path, manifest: dict, name: str) -> torch.Tensor:
             f"Hessian file for layer {name!r} is corrupt or truncated (sha256 mismatch): {fpath}"
         )
     try:
-        H = load_file(str(fpath))["H"]
+        with safe_open(str(fpath), framework="pt") as fh:
+            written_for = (fh.metadata() or {}).get("layer")
+            H = fh.get_tensor("H")
     except (SafetensorError, KeyError, OSError) as exc:
         raise ArtifactError(f"cannot read Hessian of layer {name!r} from {fpath}: {exc}") from exc
     if H.dtype != torch.float64:
@@ -190,6 +217,12 @@ def load_hessian(path: str | Path, manifest: dict, name: str) -> torch.Tensor:
         )
     if not torch.isfinite(H).all():
         raise ArtifactError(f"Hessian of layer {name!r} contains NaN or Inf: {fpath}")
+    leader = entry.get("shared_with") or name
+    if written_for != leader:
+        raise ArtifactError(
+            f"Hessian file {fpath.name} was written for layer {written_for!r}, but the manifest "
+            f"gives it to {name!r} (input of {leader!r}): the manifest was edited or mixed up"
+        )
     return H
 
 

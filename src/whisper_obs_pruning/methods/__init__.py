@@ -12,18 +12,15 @@ import contextlib
 
 import torch
 
+from ..errors import PruningError
+from ..sparsity import Pattern, check_sparsity, parse_pattern, pattern_name
 from . import diagonal, magnitude, obs, sparsegpt
 from ._base import (
     Method,
-    Pattern,
     PruneResult,
-    PruningError,
     check_nm,
-    check_sparsity,
     inverse_hessian,
     mask_from_scores,
-    parse_pattern,
-    pattern_name,
     per_row_counts,
     prepare_hessian,
     single_thread,

@@ -54,15 +54,24 @@ def log_stage(p: Params, stage: str, metrics: dict, artifacts: list[Path] = ()) 
 
     with tracking.run(
         p.mlflow.experiment,
-        stage,
+        run_name(stage, p),
         params=p.flat(),
-        tags={"stage": stage},
+        tags={"stage": stage, **tracking.provenance()},
         configured_uri=p.mlflow.tracking_uri,
     ) as mlflow:
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if numeric(v)})
         for a in artifacts:
             if Path(a).exists():
                 mlflow.log_artifact(str(a))
+
+
+def run_name(stage: str, p: Params) -> str:
+    """``prune obs 50%`` / ``prune obs 2:4``: runs of different experiments told apart."""
+    if stage not in ("prune", "evaluate"):
+        return stage
+    pr = p.prune
+    point = f"{pr.sparsity:.0%}" if pr.pattern_tuple is None else pr.pattern
+    return f"{stage} {pr.method} {point}"
 
 
 def numeric(v: object) -> bool:

@@ -412,6 +412,19 @@ def _yaml12() -> YAML:
     return YAML(typ="safe", pure=True)
 
 
+def _refuse_aliases(text: str, path: Path) -> None:
+    """YAML aliases (``*name``) are refused: a few hundred bytes of nested aliases ("billion
+    laughs") expand to gigabytes, and params files have no use for them."""
+    from ruamel.yaml.events import AliasEvent
+
+    for event in YAML(typ="safe", pure=True).parse(text):
+        if isinstance(event, AliasEvent):
+            line = event.start_mark.line + 1 if event.start_mark else "?"
+            raise ParamsError(
+                f"{path}, line {line}: YAML aliases (*{event.anchor}) are not allowed"
+            )
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read params.yaml, fill defaults, validate; raise ParamsError naming the bad key."""
     path = Path(path)
@@ -422,6 +435,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     except UnicodeDecodeError as exc:
         raise ParamsError(f"{path} is not UTF-8 text: {exc.reason} at byte {exc.start}") from None
     try:
+        _refuse_aliases(text, path)
         raw = _yaml12().load(text) or {}
     except YAMLError as exc:
         raise ParamsError(f"{path} is not valid YAML: {exc}") from None

@@ -13,7 +13,7 @@ from ..hessians.store import open_hessians
 from ..methods import get_method, pattern_name
 from ..pruning.apply import prune_layers
 from ..pruning.sequential import prune_sequential
-from ..pruning.targets import weight_sparsity
+from ..pruning.targets import check_pattern_fits, weight_sparsity
 from ..whisper.loading import load_whisper
 from ..whisper.prompt import decoder_prompt_ids
 from ..whisper.sparse_checkpoint import save_sparse, sparse_size_report
@@ -29,6 +29,7 @@ def prune(
     pr = p.prune
     model, processor = load_whisper(p.model.id, device=p.model.device)
     targets = targets_for(model, p)
+    check_pattern_fits(model, targets, pr.pattern_tuple)
     t0 = time.perf_counter()
     if pr.sequential:  # Hessians re-collected layer by layer through the pruned layers
         report = prune_sequential(

@@ -15,11 +15,11 @@ import logging
 import time
 from pathlib import Path
 
-from ..atomic import write_json_atomic, write_text_atomic
+from ..atomic import atomic_path, write_json_atomic, write_text_atomic
 from ..hessians.store import reusable_hessians
 from ..methods import parse_pattern, pattern_name
 from ..pruning.apply import prune_layers
-from ..pruning.targets import weight_sparsity
+from ..pruning.targets import check_pattern_fits, weight_sparsity
 from ..whisper.loading import load_whisper
 from . import tracking
 from .common import fingerprint, load_split, seed_everything, targets_for
@@ -89,6 +89,8 @@ def run_sweep(
     out_dir, state_dir = Path(out_dir), Path(state_dir)
     model, processor = load_whisper(p.model.id, device=p.model.device)
     targets = targets_for(model, p)
+    for pattern in p.sweep.patterns:
+        check_pattern_fits(model, targets, pattern)
     manifest, get_hessian = reusable_hessians(
         hessian_dir, model, targets, fingerprint(model), p.calibrate.max_hessian_bytes
     )
@@ -112,7 +114,7 @@ def run_sweep(
     run_kwargs = (
         {"run_id": state["parent_run_id"]}
         if state["parent_run_id"]
-        else {"run_name": "sweep", "tags": {"stage": "sweep"}}
+        else {"run_name": "sweep", "tags": {"stage": "sweep", **tracking.provenance()}}
     )
     with mlflow.start_run(**run_kwargs) as parent:
         if not state["parent_run_id"]:
@@ -325,10 +327,9 @@ def plot(summary: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2, loc="center left")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    tmp.replace(path)
 
 
 def format_table(summary: dict) -> str:

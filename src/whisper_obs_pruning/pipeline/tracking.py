@@ -22,6 +22,9 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 
 
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+
+
 class TrackingError(WhisperObsError, RuntimeError):
     """The MLflow tracking store cannot be used."""
 
@@ -77,7 +80,12 @@ def setup(experiment: str, configured_uri: str | None = None):
                 # ./mlruns of the current directory, i.e. inside a queued experiment's temp copy.
                 root = Path(uri.removeprefix("sqlite:///")).parent
                 mlflow.create_experiment(experiment, (root / "mlartifacts").as_uri())
-            mlflow.set_experiment(experiment)
+            exp = mlflow.set_experiment(experiment)
+            if exp.tags.get(EXPERIMENT_KIND_TAG) is None:
+                # Without it MLflow 3's UI opens the experiment in GenAI mode (traces, no runs).
+                mlflow.MlflowClient().set_experiment_tag(
+                    exp.experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development"
+                )
     except Exception as exc:  # noqa: BLE001 - any store failure must say where and why
         raise TrackingError(f"cannot use MLflow store {uri}: {exc}") from exc
     return mlflow
@@ -120,3 +128,28 @@ def run(
         if params:
             mlflow.log_params({k: ("null" if v is None else v) for k, v in params.items()})
         yield mlflow
+
+
+def provenance(root: str | Path | None = None) -> dict[str, str]:
+    """Tags that trace a run to the code and pipeline state that made it: the git commit, the
+    DVC experiment (inside ``dvc exp run``), and the sha256 of ``dvc.lock`` when present."""
+    import hashlib
+    import subprocess
+
+    root = Path(root or Path.cwd())
+    tags: dict[str, str] = {}
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        if commit:
+            tags["git_commit"] = commit
+    except (OSError, subprocess.SubprocessError):
+        pass
+    for env, tag in (("DVC_EXP_NAME", "dvc_exp_name"), ("DVC_EXP_BASELINE_REV", "dvc_baseline")):
+        if os.environ.get(env):
+            tags[tag] = os.environ[env]
+    lock = root / "dvc.lock"
+    if lock.is_file():
+        tags["dvc_lock_sha256"] = hashlib.sha256(lock.read_bytes()).hexdigest()[:16]
+    return tags

@@ -73,7 +73,12 @@ def prune_sequential(
     batches = [
         (feats.to(device, dtype), dec.to(device), {k: v.to(device) for k, v in masks.items()})
         for feats, dec, masks in teacher_forced_batches(
-            utterances, processor, prompt, batch_size, exclude_padding=exclude_padding
+            utterances,
+            processor,
+            prompt,
+            batch_size,
+            exclude_padding=exclude_padding,
+            max_tokens=model.config.max_target_positions,
         )
     ]
     report: dict[str, dict] = {}

@@ -65,3 +65,20 @@ def weight_sparsity(model: nn.Module, names: Sequence[str]) -> float:
         zeros += int((w == 0).sum())
         total += w.numel()
     return zeros / total if total else 0.0
+
+
+def check_pattern_fits(model: nn.Module, names: Sequence[str], pattern) -> None:
+    """Refuse an N:M pattern that does not divide some target's inputs, before any work."""
+    from ..sparsity import parse_pattern, pattern_name
+
+    pat = parse_pattern(pattern)
+    if pat is None:
+        return
+    modules = dict(model.named_modules())
+    for n in names:
+        cols = modules[n].weight.shape[1]
+        if cols % pat[1]:
+            raise PruningError(
+                f"pattern {pattern_name(pat)} needs every target layer's inputs divisible by "
+                f"{pat[1]}; {n!r} has {cols}"
+            )

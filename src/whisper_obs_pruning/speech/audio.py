@@ -19,6 +19,8 @@ import soxr
 from ..errors import WhisperObsError
 
 SAMPLE_RATE = 16000
+MIN_SECONDS = 0.1  # shorter clips hold no word; they are skipped, never scored
+MAX_PEAK = 16.0  # float audio is in [-1, 1]; a little headroom, never 1e30
 MAX_SECONDS = 30.0  # Whisper's window: longer clips are cut by the feature extractor
 
 __all__ = ["MAX_SECONDS", "SAMPLE_RATE", "AudioError", "load_audio", "to_mono_16k"]
@@ -83,6 +85,12 @@ def to_mono_16k(
         raise AudioError(f"{name}: invalid sample rate {sr!r}")
     if not np.isfinite(a).all():
         raise AudioError(f"{name}: audio contains NaN or infinite samples")
+    peak = float(np.abs(a).max())
+    if peak > MAX_PEAK:
+        raise AudioError(
+            f"{name}: sample amplitude {peak:.3g} is far outside [-1, 1] (float audio must be "
+            f"normalised; at most {MAX_PEAK:g} is accepted)"
+        )
     if sr != target_sr:
         a = soxr.resample(a, sr, target_sr, quality="HQ").astype(np.float32, copy=False)
         if a.size == 0:

@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import WhisperObsError
-from .audio import MAX_SECONDS, SAMPLE_RATE, AudioError, load_audio, to_mono_16k
+from .audio import MAX_SECONDS, MIN_SECONDS, SAMPLE_RATE, AudioError, load_audio, to_mono_16k
+from .text import normalize
 
 __all__ = [
     "DataError",
@@ -178,12 +179,18 @@ def _find_metadata(path: Path, split: str) -> Path:
 def _read_rows(metadata: Path) -> tuple[list[str], list[dict[str, str]]]:
     try:
         if metadata.suffix == ".jsonl":
-            rows = [
-                json.loads(line)
-                for line in metadata.read_text(encoding="utf-8").splitlines()
-                if line.strip()
-            ]
-            columns = list(rows[0]) if rows else []
+            rows = []
+            for n, line in enumerate(metadata.read_text(encoding="utf-8-sig").splitlines(), 1):
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise DataError(
+                        f"{metadata}, line {n}: each line must be a JSON object "
+                        f'({{"file_name": ..., "transcription": ...}}), got {type(row).__name__}'
+                    )
+                rows.append(row)
+            columns = list(dict.fromkeys(k for r in rows for k in r))
             return columns, [{k: "" if v is None else str(v) for k, v in r.items()} for r in rows]
         with open(metadata, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
@@ -219,16 +226,54 @@ def _load_folder(
         )
     text_col = _pick_text_column(columns, text_column, str(metadata))
     folder = metadata.parent
+    seen: dict[str, int] = {}
+    for i, row in enumerate(rows):
+        name = row.get("file_name", "").strip()
+        if name and name in seen:
+            raise DataError(
+                f"{metadata}: file_name {name!r} is listed twice (rows {seen[name] + 2} and "
+                f"{i + 2}); each clip must appear once with one transcript"
+            )
+        seen[name] = i
 
     def items() -> Iterator[tuple[str, Any, str, dict]]:
         for i, row in enumerate(rows):
             file_name = row.get("file_name", "").strip()
             meta = {k: v for k, v in row.items() if k not in ("file_name", text_col)}
             uid = file_name or f"row {i + 2}"
-            source = folder / file_name if file_name else None
+            source = _inside(folder, file_name) if file_name else None
             yield uid, source, row.get(text_col, ""), {**meta, "path": str(source or "")}
 
     return _collect(items(), str(metadata), limit=limit, max_seconds=max_seconds)
+
+
+ALLOW_OUTSIDE_ENV = "WHISPER_OBS_ALLOW_OUTSIDE_DATA"
+
+
+class _Outside(str):
+    """A file_name that resolves outside its data folder: skipped with this reason."""
+
+
+def _inside(folder: Path, file_name: str) -> Path | _Outside:
+    """``folder / file_name`` if it resolves inside ``folder`` (symlinks followed).
+
+    A shared metadata file must not make the pipeline read any file the user can read:
+    absolute paths, ``..`` and symlinks out of the folder are refused unless
+    ``$WHISPER_OBS_ALLOW_OUTSIDE_DATA=1``.
+    """
+    path = folder / file_name
+    if os.environ.get(ALLOW_OUTSIDE_ENV) == "1":
+        return path
+    try:
+        inside = path.resolve().is_relative_to(folder.resolve())
+    except (OSError, RuntimeError):
+        inside = False
+    if not inside:
+        return _Outside(
+            f"{file_name!r} resolves outside the data folder {folder} (absolute path, '..' or "
+            f"a symlink); refused (set {ALLOW_OUTSIDE_ENV}=1 to allow)"
+        )
+    return path
 
 
 def _collect(
@@ -248,8 +293,14 @@ def _collect(
         if not text:
             skipped.append(Skipped(uid, "empty transcription"))
             continue
+        if not any(ch.isalnum() for ch in normalize(text)):
+            skipped.append(Skipped(uid, "transcription is empty after normalisation"))
+            continue
         if audio_source is None:
             skipped.append(Skipped(uid, "no audio file named"))
+            continue
+        if isinstance(audio_source, _Outside):
+            skipped.append(Skipped(uid, str(audio_source)))
             continue
         try:
             audio = _decode(audio_source, uid)
@@ -257,6 +308,9 @@ def _collect(
             skipped.append(Skipped(uid, str(e)))
             continue
         seconds = len(audio) / SAMPLE_RATE
+        if seconds < MIN_SECONDS:
+            skipped.append(Skipped(uid, f"{seconds:.3f} s: shorter than {MIN_SECONDS:g} s"))
+            continue
         if seconds > max_seconds:
             skipped.append(
                 Skipped(

@@ -20,7 +20,6 @@ import os
 import re
 import shutil
 import struct
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from ..atomic import atomic_directory
 from ..errors import WhisperObsError
 
 __all__ = [
@@ -512,8 +512,10 @@ def _build_hf(ct2_dir: Path, tmp: Path, parts: Sequence[Path]) -> None:
         bos_token_id=gen["bos_token_id"],
         eos_token_id=gen["eos_token_id"],
         decoder_start_token_id=gen["decoder_start_token_id"],
-        suppress_tokens=gen["suppress_tokens"],
-        begin_suppress_tokens=gen["begin_suppress_tokens"],
+        # suppress_tokens / begin_suppress_tokens live in generation_config.json only: in
+        # config.json too, transformers warns at every generate() that they are misplaced.
+        suppress_tokens=None,
+        begin_suppress_tokens=None,
         tie_word_embeddings=True,
         use_cache=True,
         scale_embedding=False,
@@ -554,35 +556,8 @@ def convert_ct2_to_hf(
     for p in [*parts, ct2_dir / "tokenizer.json"]:
         if not p.is_file():
             raise FileNotFoundError(f"CT2 conversion: missing input file {p}")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         _build_hf(ct2_dir, tmp, parts)
         info = {"source": [str(p) for p in parts], **(marker_info or {})}
         (tmp / COMPLETE_MARKER).write_text(json.dumps(info, indent=2), encoding="utf-8")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the cache may be shared
-        for f in tmp.iterdir():
-            os.chmod(f, 0o666 & ~umask)
-        if out_dir.exists():
-            if not overwrite:
-                shutil.rmtree(tmp, ignore_errors=True)
-                return out_dir
-            trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, trash / "old")
-            os.replace(tmp, out_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            try:
-                os.replace(tmp, out_dir)
-            except OSError:
-                # Lost a race with a concurrent conversion of the same model: keep theirs.
-                if (out_dir / COMPLETE_MARKER).exists() and not overwrite:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    return out_dir
-                raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir

@@ -21,33 +21,34 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from .prompt import decoder_prompt_ids
 
 __all__ = [
-    "SAMPLE_RATE",
     "default_token_cap",
     "log_mel_features",
     "transcribe",
     "transcribe_tokens",
 ]
 
-SAMPLE_RATE = 16000
-MAX_SECONDS = 30.0
 # Read speech rarely exceeds ~8 tokens/s; the margin covers short clips and punctuation.
 TOKENS_PER_SECOND = 8
 TOKEN_MARGIN = 16
 
 
-def default_token_cap(duration_s: float, prompt_len: int, max_target_positions: int = 448) -> int:
-    """Per-clip limit on generated tokens: ``min(448 - prompt, ceil(8 * seconds) + 16)``."""
+def default_token_cap(duration_s: float, prompt_len: int, max_target_positions: int) -> int:
+    """Per-clip limit on generated tokens: ``min(max_target_positions - prompt, ceil(8 * s) + 16)``
+    (``max_target_positions`` from the model's config: 448 for every Whisper so far)."""
     cap = math.ceil(TOKENS_PER_SECOND * duration_s) + TOKEN_MARGIN
     return max(1, min(max_target_positions - prompt_len, cap))
 
 
-def _as_mono_f32(audio: np.ndarray, index: int) -> np.ndarray:
+def _as_mono_f32(audio: np.ndarray, index: int, feature_extractor) -> np.ndarray:
+    """Mono float32 that fits the feature extractor's window (its rate and ``n_samples``)."""
     a = np.asarray(audio, dtype=np.float32)
+    rate = feature_extractor.sampling_rate
     if a.ndim != 1:
-        raise ValueError(f"audio {index}: expected mono 1-D samples at 16 kHz, got shape {a.shape}")
-    if a.shape[0] > MAX_SECONDS * SAMPLE_RATE:
+        raise ValueError(f"audio {index}: expected mono 1-D samples at {rate} Hz, got {a.shape}")
+    if a.shape[0] > feature_extractor.n_samples:
         raise ValueError(
-            f"audio {index}: {a.shape[0] / SAMPLE_RATE:.1f} s is longer than Whisper's 30 s window"
+            f"audio {index}: {a.shape[0] / rate:.1f} s is longer than Whisper's "
+            f"{feature_extractor.n_samples / rate:.0f} s window"
         )
     return a
 
@@ -59,10 +60,9 @@ def log_mel_features(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Log-mel features ``(batch, n_mels, 3000)`` padded to 30 s, as ``generate`` expects."""
-    arrays = [_as_mono_f32(a, i) for i, a in enumerate(audios)]
-    feats = processor.feature_extractor(
-        arrays, sampling_rate=SAMPLE_RATE, return_tensors="pt"
-    ).input_features
+    fe = processor.feature_extractor
+    arrays = [_as_mono_f32(a, i, fe) for i, a in enumerate(audios)]
+    feats = fe(arrays, sampling_rate=fe.sampling_rate, return_tensors="pt").input_features
     return feats.to(device=device, dtype=dtype)
 
 
@@ -237,7 +237,8 @@ def transcribe_tokens(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     prompt = decoder_prompt_ids(model, processor, language=language, task=task)
-    max_pos = int(getattr(model.config, "max_target_positions", 448))
+    max_pos = int(model.config.max_target_positions)
+    rate = processor.feature_extractor.sampling_rate
     eot = model.generation_config.eos_token_id
     eot = int(eot[0] if isinstance(eot, (list, tuple)) else eot)
     device = model.device
@@ -250,9 +251,7 @@ def transcribe_tokens(
         for start in range(0, len(audios), batch_size):
             batch = list(audios[start : start + batch_size])
             if max_new_tokens is None:
-                caps = [
-                    default_token_cap(len(a) / SAMPLE_RATE, len(prompt), max_pos) for a in batch
-                ]
+                caps = [default_token_cap(len(a) / rate, len(prompt), max_pos) for a in batch]
             else:
                 caps = [max(1, min(max_new_tokens, max_pos - len(prompt)))] * len(batch)
             feats = log_mel_features(processor, batch, device=device, dtype=dtype)

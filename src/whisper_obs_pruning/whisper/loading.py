@@ -12,8 +12,6 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,7 +34,7 @@ __all__ = [
 ]
 
 # Bump when the converter's output changes so cached conversions are rebuilt.
-CONVERTER_VERSION = 2
+CONVERTER_VERSION = 3  # 3: suppress tokens only in generation_config.json
 BUNDLED_PREFIX = "bundled:"
 
 
@@ -141,19 +139,6 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "whisper_obs_pruning"
 
 
-def _cleanup_stale_tmp(parent: Path, max_age_s: float = 3600.0) -> None:
-    """Remove temp dirs of conversions killed hard (SIGKILL) long ago."""
-    if not parent.is_dir():
-        return
-    now = time.time()
-    for p in parent.glob(".*.tmp-*"):
-        try:
-            if p.is_dir() and now - p.stat().st_mtime > max_age_s:
-                shutil.rmtree(p, ignore_errors=True)
-        except OSError:
-            pass
-
-
 def _convert_cached(
     name: str, ct2_dir: Path, parts: list[Path], key: str, info: dict[str, Any]
 ) -> Path:
@@ -163,7 +148,6 @@ def _convert_cached(
     out = root / f"{name}-{key}"
     if (out / COMPLETE_MARKER).is_file():
         return out
-    _cleanup_stale_tmp(root)
     # A directory without the marker was not written by us atomically: replace it.
     overwrite = out.exists()
     return convert_ct2_to_hf(
@@ -273,7 +257,9 @@ def load_whisper(
     target = resolve_model_dir(model_id)
     is_local = Path(target).is_dir()
     try:
-        model = WhisperForConditionalGeneration.from_pretrained(target, dtype=dtype)
+        model, info = WhisperForConditionalGeneration.from_pretrained(
+            target, dtype=dtype, output_loading_info=True
+        )
         processor = WhisperProcessor.from_pretrained(target)
     except Exception as exc:
         if is_local:
@@ -290,6 +276,13 @@ def load_whisper(
             f"could not load {model_id!r} from the Hugging Face hub: {exc}. Offline, use "
             "`model.id: bundled:tiny.en`."
         ) from exc
+    bad = {k: sorted(v) for k, v in info.items() if k != "error_msgs" and v}
+    if bad or info.get("error_msgs"):
+        detail = "; ".join(f"{k.replace('_', ' ')}: {', '.join(v[:5])}" for k, v in bad.items())
+        raise ModelLoadError(
+            f"{model_id}: the checkpoint does not match its config ({detail or info['error_msgs']});"
+            " transformers would fill the gaps with random weights, so it is refused"
+        )
     model.to(resolve_device(device))
     model.eval()
     return model, processor

@@ -33,7 +33,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,6 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..atomic import atomic_directory
 from ..errors import WhisperObsError
 
 if TYPE_CHECKING:
@@ -359,9 +359,7 @@ def save_sparse(
         tensors.update(enc)
         entries[key] = meta
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as tmp:
         from safetensors.torch import save_file
 
         save_file(
@@ -388,24 +386,6 @@ def save_sparse(
             "aliases": aliases,
         }
         (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=1), encoding="utf-8")
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
-        for f in tmp.iterdir():
-            os.chmod(f, 0o666 & ~umask)
-        if out_dir.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, trash / "old")
-            os.replace(tmp, out_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
     formats = {k: e["format"] for k, e in entries.items()}
     sparse_entries = {k: e for k, e in entries.items() if e["format"] != "dense"}
