@@ -146,7 +146,8 @@ def main() -> None:
     print("\n| variant | WER % | x dense | CER % | prune s |\n|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['name']} | {100 * r['wer']:.2f} | {r['wer'] / dense_wer:.2f} | "
+            f"| {r['name']} | {100 * r['wer']:.2f} | "
+            f"{f'{r["wer"] / dense_wer:.2f}' if dense_wer else '-'} | "
             f"{100 * r['cer']:.2f} | {r['prune_s']} |"
         )
     out = Path(args.out)

@@ -32,7 +32,9 @@ def test_checkpoint_that_does_not_match_its_config_is_refused(tiny, tmp_path, da
     if damage == "missing_tensor":
         state.pop("model.encoder.layers.1.fc1.weight")
     else:
-        state["model.encoder.layers.9.fc1.weight"] = state["model.encoder.layers.1.fc1.weight"].clone()
+        state["model.encoder.layers.9.fc1.weight"] = state[
+            "model.encoder.layers.1.fc1.weight"
+        ].clone()
     save_file(state, str(f), metadata={"format": "pt"})
     with pytest.raises(ModelLoadError, match="does not match its config"):
         load_whisper(str(d))

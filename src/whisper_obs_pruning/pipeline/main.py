@@ -1,0 +1,140 @@
+"""``whisper-obs``: the command line. Subcommands share the stage bodies the DVC stages run.
+
+    whisper-obs evaluate --model DIR_OR_HUB_ID --data FOLDER [--split S] [--limit N]
+    whisper-obs calibrate|prune|sweep [--params params.yaml]
+    whisper-obs report [--metrics metrics]
+
+Every user-facing failure prints one ``error:`` line and exits 2 (see ``cli.error_line``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .cli import error_line
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from ..atomic import write_json_atomic
+    from ..speech.datasets import load_utterances
+    from ..speech.scoring import evaluate_model, write_rows_csv
+    from ..whisper.loading import load_whisper
+
+    data = load_utterances(args.data, args.split, limit=args.limit)  # bad data fails first
+    model, processor = load_whisper(args.model, device=args.device)
+    if data.skipped:
+        print(f"[evaluate] {data.summary()}", file=sys.stderr)
+    metrics, rows = evaluate_model(
+        model,
+        processor,
+        data.utterances,
+        batch_size=args.batch_size,
+        language=args.language,
+        progress=not args.no_progress,
+    )
+    metrics["skipped_utterances"] = len(data.skipped)
+    if args.out:
+        write_json_atomic(args.out, {"model": args.model, "data": args.data, **metrics})
+    if args.utterances:
+        write_rows_csv(args.utterances, rows)
+    print(
+        f"WER {100 * metrics['wer']:.2f}%  CER {100 * metrics['cer']:.2f}%  on "
+        f"{metrics['num_utterances']} utterances ({metrics['reference_words']} words) of "
+        f"{args.data}; {len(data.skipped)} skipped"
+    )
+    if args.json:
+        print(json.dumps(metrics))
+    return 0
+
+
+def _stage(args: argparse.Namespace) -> int:
+    from .common import check_tracking, log_stage
+    from .params import load_params
+
+    p = load_params(args.params)
+    check_tracking(p)
+    progress = not args.no_progress
+    if args.command == "calibrate":
+        from ..atomic import write_json_atomic
+        from .calibrate import calibrate
+
+        metrics = calibrate(p, args.out or "artifacts/hessians", progress=progress)
+        write_json_atomic("metrics/calibrate.json", metrics)
+        log_stage(p, "calibrate", metrics)
+        print(metrics)
+    elif args.command == "prune":
+        from .prune import prune
+
+        summary = prune(p, args.hessians, args.out or "artifacts/pruned", progress=progress)
+        log_stage(p, "prune", summary)
+        print(summary)
+    else:
+        from .sweep import format_table, run_sweep
+
+        summary = run_sweep(p, args.hessians, args.out or "metrics", progress=progress)
+        print(format_table(summary))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import main as report_main
+
+    return report_main(args.metrics)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="whisper-obs", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    ev = sub.add_parser("evaluate", help="WER/CER of any Whisper on any audio folder")
+    ev.add_argument("--model", required=True, help="model dir, bundled:tiny.en, or a hub id")
+    ev.add_argument("--data", required=True, help="folder with metadata.csv, embedded, hf:NAME")
+    ev.add_argument("--split", default="evaluation")
+    ev.add_argument("--limit", type=int, default=None, help="at most this many clips")
+    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--language", default="en")
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--out", help="write the metrics as JSON here")
+    ev.add_argument("--utterances", help="write per-clip reference/hypothesis CSV here")
+    ev.add_argument("--json", action="store_true", help="also print the metrics as JSON")
+    ev.set_defaults(func=_evaluate)
+    for name, helptext in (
+        ("calibrate", "Hessians on the calibration split (the calibrate stage)"),
+        ("prune", "prune with prune.* from cached Hessians (the prune stage)"),
+        ("sweep", "methods x sparsities from cached Hessians (the sweep stage)"),
+    ):
+        sp = sub.add_parser(name, help=helptext)
+        sp.add_argument("--params", default="params.yaml")
+        sp.add_argument("--hessians", default="artifacts/hessians")
+        sp.add_argument("--out", default=None)
+        sp.set_defaults(func=_stage)
+    rp = sub.add_parser("report", help="print the sweep table and where the results are")
+    rp.add_argument("--metrics", default="metrics")
+    rp.set_defaults(func=_report)
+    for sp in sub.choices.values():
+        sp.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..errors import WhisperObsError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="[whisper-obs] %(levelname)s %(message)s")
+    try:
+        return args.func(args)
+    except (WhisperObsError, OSError) as exc:
+        print(error_line(f"whisper-obs {args.command}", exc), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("[whisper-obs] interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["build_parser", "main"]

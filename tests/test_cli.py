@@ -1,0 +1,49 @@
+"""The `whisper-obs` command line: evaluate any model on any folder in one command."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "whisper_obs_pruning.pipeline.main", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=600,
+    )
+
+
+def test_evaluate_a_model_on_a_folder(tmp_path):
+    out = tmp_path / "m.json"
+    proc = run(
+        "evaluate",
+        "--model",
+        "bundled:tiny.en",
+        "--data",
+        str(REPO / "data" / "evaluation"),
+        "--limit",
+        "3",
+        "--out",
+        str(out),
+        "--utterances",
+        str(tmp_path / "u.csv"),
+        "--no-progress",
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    metrics = json.loads(out.read_text())
+    assert metrics["num_utterances"] == 3 and 0 <= metrics["wer"] < 1
+    assert "WER" in proc.stdout and len((tmp_path / "u.csv").read_text().splitlines()) == 4
+
+
+def test_bad_folder_is_one_error_line_exit_2(tmp_path):
+    proc = run("evaluate", "--model", "bundled:tiny.en", "--data", str(tmp_path / "nope"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "error: data source" in proc.stderr
+    assert "Traceback" not in proc.stderr
