@@ -145,9 +145,9 @@ def main() -> None:
     dense_wer = rows[0]["wer"]
     print("\n| variant | WER % | x dense | CER % | prune s |\n|---|---|---|---|---|")
     for r in rows:
+        ratio = f"{r['wer'] / dense_wer:.2f}" if dense_wer else "-"  # dense WER 0: tiny eval set
         print(
-            f"| {r['name']} | {100 * r['wer']:.2f} | "
-            f"{f'{r["wer"] / dense_wer:.2f}' if dense_wer else '-'} | "
+            f"| {r['name']} | {100 * r['wer']:.2f} | {ratio} | "
             f"{100 * r['cer']:.2f} | {r['prune_s']} |"
         )
     out = Path(args.out)

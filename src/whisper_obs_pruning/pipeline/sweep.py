@@ -52,8 +52,33 @@ def point_key(point: dict) -> str:
     return f"{point['method']}@{point['pattern']}@{point['target_sparsity']:.4f}"
 
 
-def _config_key(p: Params, manifest: dict) -> str:
+def _data_digest(utterances) -> str:
+    """What was evaluated, bit for bit: ids, references and decoded audio of every clip."""
+    h = hashlib.sha256()
+    for u in utterances:
+        h.update(u.id.encode())
+        h.update(b"\0" + u.text.encode() + b"\0")
+        h.update(u.audio.tobytes())
+    return h.hexdigest()
+
+
+def _code_digest() -> str:
+    """The package's source (every module: a changed decoder or method changes results)."""
+    h = hashlib.sha256()
+    root = Path(__file__).resolve().parents[1]
+    for f in sorted(root.rglob("*.py")):
+        h.update(str(f.relative_to(root)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def _config_key(p: Params, manifest: dict, utterances, model_fp: str) -> str:
+    """A finished point is reused only if nothing it came from changed: params, Hessians,
+    the evaluation data as decoded, the model's weights and the code."""
     relevant = {
+        "data_digest": _data_digest(utterances),
+        "code_digest": _code_digest(),
+        "model_fingerprint": model_fp,
         "model": p.model.model_dump(),
         "data": p.data.evaluation.model_dump(),
         "evaluate": p.evaluate.model_dump(),
@@ -97,7 +122,7 @@ def run_sweep(
     modules = dict(model.named_modules())
     dense = {n: modules[n].weight.data.clone() for n in targets}
     data = load_split(p.data.evaluation, "evaluation")
-    state = _load_state(state_dir, _config_key(p, manifest))
+    state = _load_state(state_dir, _config_key(p, manifest, data.utterances, fingerprint(model)))
     points = sweep_points(p)
 
     def evaluate_now(desc: str) -> dict:
