@@ -347,3 +347,4 @@ def test_offline_hub_id_gives_helpful_error(monkeypatch):
         load_whisper("whisper-obs-test/definitely-not-a-model")
     msg = str(info.value)
     assert "unreachable" in msg and "bundled:tiny.en" in msg
+    assert "no local directory of that name exists" in msg  # a mistyped relative path too

