@@ -214,3 +214,18 @@ def test_auto_format_choice_and_bad_targets(tiny, tmp_path):
     with pytest.raises(ValueError, match="not an nn.Linear"):
         save_sparse(model, tmp_path / "x", targets=["model.encoder.conv1"])
     assert not (tmp_path / "x").exists()
+
+
+def test_sparse_export_picks_the_smaller_of_2to4_and_bitmask():
+    """Issue 16: at 99.9% sparsity a 2:4-compatible layer was stored 2:4 (35 MB, not 2 MB)."""
+    from whisper_obs_pruning.whisper.sparse_checkpoint import decode_tensor, encode_tensor
+
+    torch.manual_seed(0)
+    w = torch.zeros(64, 256)
+    w[torch.rand(64, 256) < 0.002] = 1.0  # very sparse, and every group of 4 has >= 2 zeros
+    fmt, enc, meta = encode_tensor("w", w, sparse=True)
+    assert fmt == "bitmask"
+    half = torch.where(torch.arange(256) % 4 < 2, torch.randn(64, 256), 0.0)  # exactly 2:4
+    fmt24, _, _ = encode_tensor("h", half, sparse=True)
+    assert fmt24 == "2:4"
+    assert torch.equal(decode_tensor("w", meta, enc), w)

@@ -159,7 +159,8 @@ def encode_tensor(
     """Encode one tensor: ``(format, tensors to store, metadata)``.
 
     ``sparse=None`` picks the smallest of dense / 2:4 / bitmask for 2-D floating tensors;
-    ``True`` forces a sparse form (2:4 when it fits, else bitmask); ``False`` keeps it dense.
+    ``True`` forces a sparse form (the smaller of 2:4, when it fits, and bitmask); ``False``
+    keeps it dense.
     """
     w = w.detach().contiguous().cpu()
     meta: dict[str, Any] = {
@@ -172,7 +173,12 @@ def encode_tensor(
         bits = _int_view(w)
         nz = bits != 0  # bit pattern, so -0.0 is a kept value
         nnz = int(np.count_nonzero(nz))
-        cand = "2:4" if _is_24(nz, nnz) else "bitmask"
+        size = w.element_size()
+        cand = "bitmask"
+        if _is_24(nz, nnz) and _sparse_nbytes("2:4", w.numel(), size, nnz) <= _sparse_nbytes(
+            "bitmask", w.numel(), size, nnz
+        ):
+            cand = "2:4"  # only when it is the smaller of the two (not at very high sparsity)
         if (
             sparse
             or _sparse_nbytes(cand, w.numel(), w.element_size(), nnz) < w.numel() * w.element_size()
@@ -180,7 +186,7 @@ def encode_tensor(
             fmt = cand
             meta["nnz"] = nnz
     elif sparse:
-        raise ValueError(
+        raise SparseFormatError(
             f"{key}: only 2-D floating tensors can be stored sparse, got {w.dtype} {tuple(w.shape)}"
         )
     meta["format"] = fmt
