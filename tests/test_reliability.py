@@ -523,3 +523,57 @@ def test_damaged_manifest_is_refused_clearly(hessian_set, tmp_path, tiny, damage
         check_hessian_set(
             d, model, targets_of(model), model_fingerprint(model, list(linear_layers(model)))
         )
+
+
+def test_sigterm_during_multipass_calibration_leaves_nothing_behind(tmp_path):
+    """Issue 16: SIGTERM left a temp Hessian dir and an encoder cache; the old set survives."""
+    import signal
+    import time
+
+    params = write_params(
+        tmp_path,
+        {
+            "data.calibration.max_samples": 8,
+            "calibrate.max_hessian_mb": 8,
+            "calibrate.batch_size": 2,
+            "model.device": "cpu",
+        },
+    )
+    out = tmp_path / "art" / "hessians"
+    out.mkdir(parents=True)
+    (out / "manifest.json").write_text("{}")  # stands for the previous set
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    env = {
+        **os.environ,
+        "TMPDIR": str(tmpdir),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+    }
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO / "stages/calibrate.py"),
+            "--params",
+            str(params),
+            "--no-progress",
+            "--out",
+            str(out),
+            "--metrics",
+            str(tmp_path / "cal.json"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(out.parent.glob(".hessians.*.tmp")):
+        time.sleep(0.2)
+    time.sleep(3)  # well inside the passes
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    assert proc.returncode == 143, proc.stdout.read()[-2000:]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["hessians"]
+    assert (out / "manifest.json").read_text() == "{}"
+    assert [p.name for p in tmpdir.iterdir() if p.name.startswith("whisper-obs")] == []

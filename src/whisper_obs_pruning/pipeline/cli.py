@@ -26,6 +26,17 @@ def error_line(name: str, exc: BaseException) -> str:
     return f"[{name}] error: {text}"
 
 
+def exit_cleanly_on_sigterm() -> None:
+    """SIGTERM (``kill``, a CI timeout, DVC stopping a queue) unwinds like Ctrl-C: every
+    ``atomic_directory`` and temp cache is removed by its ``finally``, the old outputs stay."""
+    import signal
+
+    def _term(signum, frame):  # noqa: ARG001
+        raise SystemExit(143)
+
+    signal.signal(signal.SIGTERM, _term)
+
+
 def stage_main(
     name: str,
     body: Callable[..., None],
@@ -48,6 +59,7 @@ def stage_main(
     if add_args:
         add_args(parser)
     args = parser.parse_args()
+    exit_cleanly_on_sigterm()
     logging.basicConfig(level=logging.INFO, format=f"[{name}] %(levelname)s %(message)s")
     for noisy in ("alembic", "mlflow", "httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

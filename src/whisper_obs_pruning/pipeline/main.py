@@ -14,7 +14,7 @@ import json
 import logging
 import sys
 
-from .cli import error_line
+from .cli import error_line, exit_cleanly_on_sigterm
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..errors import WhisperObsError
 
     args = build_parser().parse_args(argv)
+    exit_cleanly_on_sigterm()
     logging.basicConfig(level=logging.WARNING, format="[whisper-obs] %(levelname)s %(message)s")
     try:
         return args.func(args)
