@@ -7,7 +7,12 @@ The algorithm, for each row w of W on its own (H^-1 starts as the damped inverse
                      w    <- w - (w_q / [H^-1]_qq) H^-1[:, q]          (w_q becomes 0)
                      H^-1 <- H^-1 - H^-1[:, q] H^-1[q, :] / [H^-1]_qq
 Eligible: not pruned yet and, for an N:M pattern, in a group of M with fewer than N pruned.
-k per row comes from ``per_row_counts`` (exact layer sparsity) or the pattern.
+k per row comes from the pattern (N:M) or, unstructured, from ``rows``: ``"uniform"`` takes
+``per_row_counts`` (every row floor/ceil of sparsity * cols); ``"global"`` (default, OBC's way)
+first traces every row's greedy past that count, recording the exact loss of each removal,
+w_q^2 / (2 [H^-1]_qq), then picks the counts that meet the layer's exact total at the least
+summed loss (``select_counts``), and prunes again with them. Either way the layer loses exactly
+round(sparsity * rows * cols) weights.
 
 Why this implementation is fast, while giving the result of the loop above:
 - A step needs only the pivot's column of the current H^-1 (plus the diagonal, which is kept for
@@ -42,10 +47,12 @@ from ._base import (
     Method,
     Pattern,
     PruneResult,
+    PruningError,
     available_threads,
     check_nm,
     inverse_hessian,
     per_row_counts,
+    prepare_hessian,
     second_order_saliency,
     single_thread,
 )
@@ -58,6 +65,9 @@ def prune_obs(
     pattern: Pattern = None,
     *,
     rel_damp: float = 0.01,
+    rows: str = "uniform",
+    trace_margin: float = 0.1,
+    final: str = "auto",
     row_batch: int | None = None,
     block: int = 32,
     margin: int = 32,
@@ -68,6 +78,19 @@ def prune_obs(
 ) -> PruneResult:
     """Exact greedy OBS per row (OBC's ExactOBS); see the module docstring.
 
+    ``rows`` (unstructured only; N:M fixes every row's count): ``"uniform"`` prunes every row
+    by ``per_row_counts``; ``"global"`` (OBC's way) runs each row's greedy past that count, to
+    ``uniform + ceil(trace_margin * cols)`` removals (the trace), records the loss after each
+    removal, and picks per-row counts with the layer total ``round(sparsity * rows * cols)``
+    at minimum summed loss (:func:`select_counts`); a row whose pick reaches its trace's end
+    gets a longer trace and the pick is redone, so the trace length never decides. The rows
+    are then pruned again with their counts (greedy is deterministic: same removals, weights
+    exact). ``final`` says how those weights are made: ``"rerun"`` the greedy with the
+    counts; ``"solve"`` the closed form for the traced masks (OBS's result for a removal set
+    S is the least-squares optimum with w_S = 0: ``w_F += H_FF^-1 H_FS w_S`` over the kept
+    inputs F, a batched Cholesky solve of size |F|, float64); ``"auto"`` (default) the solve
+    where its estimated cost is lower (high sparsity), else the re-run.
+
     Tuning knobs, none of which changes the result beyond float rounding: ``block`` (downdates
     applied to the working set at once), ``margin`` (working-set size beyond a row's remaining
     prunes), ``row_batch`` (rows in lockstep; default: what fits in ``workspace_mb``, at most
@@ -75,24 +98,326 @@ def prune_obs(
     ``workers`` (row batches run at once, each in its own Python thread on one core; default:
     the cores torch may use). The batches do not depend on ``workers``, so neither does the result.
     """
+    if final not in ("auto", "rerun", "solve"):
+        raise PruningError(f"obs final must be 'auto', 'rerun' or 'solve', got {final!r}")
+    if rows not in ("uniform", "global"):
+        raise PruningError(f"obs rows must be 'uniform' or 'global', got {rows!r}")
     # The step loop is many small ops that a GPU launch per op would not speed up, and its index
     # bookkeeping lives on the CPU: compute there, hand the result back on W's device.
     device = W.device
     W, H = W.cpu(), H.cpu()
-    rows, cols = W.shape
+    n_rows, cols = W.shape
     check_nm(cols, pattern)
     with single_thread():  # two OpenMP threads on a busy machine made this 10x slower
         Hinv0, info = inverse_hessian(H, rel_damp)
     Hinv0 = Hinv0.to(dtype).contiguous()  # cholesky_inverse returns it column-major
-    if pattern is None:
-        counts = per_row_counts(rows, cols, sparsity)
+    knobs = {
+        "row_batch": row_batch,
+        "block": block,
+        "margin": margin,
+        "workspace_mb": workspace_mb,
+        "workers": workers,
+    }
+    if pattern is not None:
+        counts = torch.full((n_rows,), cols // pattern[1] * pattern[0], dtype=torch.long)
     else:
-        counts = torch.full((rows,), cols // pattern[1] * pattern[0], dtype=torch.long)
+        counts = per_row_counts(n_rows, cols, sparsity)
+        total = int(counts.sum())
+        info["rows"] = rows
+        if rows == "global" and 0 < total < n_rows * cols:
+            counts, order, trace_info = _global_counts(W, Hinv0, counts, total, trace_margin, knobs)
+            info.update(trace_info)
+            kept = (cols - counts).double()
+            solve_cost = float((kept**3).sum()) / 3  # Cholesky of H_FF per row
+            rerun_cost = float((counts.double() ** 2).sum()) * cols / 2 * 3  # ~3x: small ops
+            if final == "solve" or (final == "auto" and solve_cost < rerun_cost):
+                info["final"] = "solve"
+                r, t = (torch.arange(order.shape[1]) < counts.unsqueeze(1)).nonzero(as_tuple=True)
+                mask = torch.zeros(n_rows, cols, dtype=torch.bool)
+                mask[r, order[r, t]] = True  # each row's first counts[r] removals
+                Wout = _solve_weights(W, H, mask, rel_damp, info, workers)
+                return PruneResult(Wout.to(device, W.dtype), mask.to(device), info)
+            info["final"] = "rerun"
+    Wout, mask, _, _ = _greedy(W, Hinv0, counts, pattern, **knobs)
+    return PruneResult(Wout.to(device, W.dtype), mask.to(device), info)
+
+
+def _solve_weights(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    mask: torch.Tensor,
+    rel_damp: float,
+    info: dict,
+    workers: int | None,
+    batch_mb: int = 256,
+) -> torch.Tensor:
+    """The least-squares optimum under ``mask`` (True = zero): per row, over the kept inputs
+    F and removed S, ``w_F + H_FF^-1 H_FS w_S`` with H damped exactly as its inverse was (so
+    it equals what greedy OBS reaches with the same removals). Float64, rows in batches, the
+    kept sets padded to the batch's largest with identity."""
+    if info.get("fallback_identity"):
+        Hd = torch.eye(H.shape[0], dtype=torch.float64)
+    else:
+        Hd, prep = prepare_hessian(H, rel_damp)
+        Hd.diagonal().add_(info["damp"] - prep["damp"])  # the retries' extra damping
+    rows, cols = W.shape
+    W64 = W.detach().to(torch.float64)
+    keep = ~mask
+    nkeep = keep.sum(1)
+    # rows sorted by kept count, so that a batch pads little
+    order = torch.argsort(nkeep, descending=True)
+    Wout = torch.zeros(rows, cols, dtype=torch.float64)
+    rhs_all = (W64 * mask) @ Hd  # H_{:,S} w_S for every row
+    batches = []
+    i = 0
+    while i < rows:
+        m = max(1, int(nkeep[order[i]]))
+        b = max(1, min(rows - i, (batch_mb << 20) // (m * m * 8 * 2)))
+        batches.append(order[i : i + b])
+        i += b
+    workers = max(1, min(workers or available_threads(), len(batches)))
+    inference = torch.is_inference_mode_enabled()  # per thread, as in _greedy
+
+    def run(worker: int) -> None:
+        with torch.inference_mode(inference):
+            _solve_batches(batches[worker::workers])
+
+    def _solve_batches(todo: list[torch.Tensor]) -> None:
+        for idx in todo:
+            kc = nkeep[idx]
+            m = int(kc.max())
+            if m == 0:
+                continue
+            # kept inputs first (stable: ascending index), then removed ones as padding
+            key = torch.where(keep[idx], 0, cols) + torch.arange(cols)
+            F = torch.argsort(key, dim=1)[:, :m]
+            valid = torch.arange(m) < kc.unsqueeze(1)
+            A = Hd[F.unsqueeze(2), F.unsqueeze(1)]
+            pad = ~(valid.unsqueeze(2) & valid.unsqueeze(1))
+            A.masked_fill_(pad, 0.0)
+            A.diagonal(dim1=1, dim2=2).masked_fill_(~valid, 1.0)
+            rhs = rhs_all[idx].gather(1, F).masked_fill_(~valid, 0.0)
+            L, _ = torch.linalg.cholesky_ex(A)
+            delta = torch.cholesky_solve(rhs.unsqueeze(2), L).squeeze(2)
+            new = W64[idx].gather(1, F) + delta
+            out = torch.zeros(idx.numel(), cols, dtype=torch.float64)
+            out.scatter_(1, F, torch.where(valid, new, 0.0))
+            Wout[idx] = out
+
+    with single_thread():
+        if workers == 1:
+            run(0)
+        else:
+            with ThreadPoolExecutor(workers) as pool:
+                list(pool.map(run, range(workers)))
+    return Wout.to(W.dtype)
+
+
+def _global_counts(
+    W: torch.Tensor,
+    Hinv0: torch.Tensor,
+    uniform: torch.Tensor,
+    total: int,
+    trace_margin: float,
+    knobs: dict,
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Per-row counts summing to ``total`` at minimum summed OBS loss, from greedy traces;
+    also each row's removal order (``[rows, max cap]``, valid up to the row's cap).
+
+    Every row is traced to ``cap = uniform + extra`` removals; rows whose chosen count reaches
+    a cap below ``cols`` are traced further (twice the extra each time) and the choice redone.
+    """
+    n_rows, cols = W.shape
+    extra = max(1, math.ceil(trace_margin * cols))
+    caps = (uniform + extra).clamp(max=cols)
+    cum, order = _traces(W, Hinv0, caps, knobs)
+    extensions = 0
+    while True:
+        counts, sel = select_counts(cum, total)
+        bind = (counts >= caps) & (caps < cols)
+        if not bool(bind.any()):
+            break
+        extensions += 1
+        extra *= 2
+        r = bind.nonzero().squeeze(1)
+        caps[r] = (caps[r] + extra).clamp(max=cols)
+        width = int(caps.max()) + 1
+        if width > cum.shape[1]:
+            grown = torch.full((n_rows, width), math.inf, dtype=torch.float64)
+            grown[:, : cum.shape[1]] = cum
+            cum = grown
+            wider = torch.zeros(n_rows, width - 1, dtype=torch.long)
+            wider[:, : order.shape[1]] = order
+            order = wider
+        cum[r] = math.inf
+        part, part_order = _traces(W[r], Hinv0, caps[r], knobs)
+        cum[r, : part.shape[1]] = part
+        order[r, : part_order.shape[1]] = part_order
+    return (
+        counts,
+        order,
+        {
+            "trace_steps": int(caps.sum()),
+            "trace_extensions": extensions,
+            "trace_loss": sel["loss"],
+            "count_gap": sel["gap"],
+        },
+    )
+
+
+def layer_trace(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    top: float,
+    *,
+    rel_damp: float = 0.01,
+    dtype: torch.dtype = torch.float32,
+    **knobs: object,
+) -> tuple[torch.Tensor, float]:
+    """Every row's greedy OBS trace to ``ceil(top * cols)`` removals, and the dense loss.
+
+    Returns ``(cum, dense)``: ``cum[r, k]`` the loss of row r after k removals (as
+    :func:`select_counts` takes it) and ``dense = tr(W H W^T) / 2`` with the same damped H,
+    the loss of zeroing the whole layer, to normalise by.
+    """
+    W, H = W.detach().cpu(), H.cpu()
+    rows, cols = W.shape
+    with single_thread():
+        Hinv0, _ = inverse_hessian(H, rel_damp)
+        Hd, _ = prepare_hessian(H, rel_damp)
+    Wd = W.to(torch.float64)
+    dense = float(0.5 * ((Wd @ Hd) * Wd).sum())
+    caps = torch.full((rows,), min(cols, math.ceil(top * cols - 1e-9)), dtype=torch.long)
+    return _traces(W, Hinv0.to(dtype).contiguous(), caps, knobs)[0], dense
+
+
+def _traces(
+    W: torch.Tensor, Hinv0: torch.Tensor, caps: torch.Tensor, knobs: dict
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cumulative loss ``[rows, max(caps) + 1]`` of each row's greedy: entry k = loss after k
+    removals (float64, k = 0 gives 0, +inf beyond the row's cap); and the removal order."""
+    _, _, steps, order = _greedy(W, Hinv0, caps, None, record=True, **knobs)
+    cum = torch.zeros(W.shape[0], steps.shape[1] + 1, dtype=torch.float64)
+    torch.cumsum(steps.to(torch.float64), dim=1, out=cum[:, 1:])
+    beyond = torch.arange(cum.shape[1]) > caps.unsqueeze(1)
+    return cum.masked_fill_(beyond, math.inf), order
+
+
+def select_counts(
+    cum: torch.Tensor, total: int, *, exact_budget: int = 2_000_000
+) -> tuple[torch.Tensor, dict]:
+    """Counts ``k_r`` with ``sum k_r = total`` minimising ``sum_r cum[r, k_r]``.
+
+    ``cum[r, k]``: row r's loss after k removals (``cum[:, 0] = 0``, nondecreasing, ``+inf``
+    where row r cannot go). Small problems (``rows * total * width <= exact_budget``) are solved
+    exactly by dynamic programming over rows. Larger ones by a Lagrangian: bisection on a
+    price ``lam`` per removal, each row taking ``argmin_k cum[r, k] - lam * k`` (a vertex of
+    its lower convex hull), then the few removals left at the critical price spread by an
+    exact DP over the rows whose choice jumps there. This is optimal when the traces are convex
+    (marginal losses nondecreasing, as greedy OBS traces nearly are); otherwise the dual bound
+    ``sum_r min_k (cum[r, k] - lam k) + lam total`` certifies how far from optimal at most:
+    ``info["gap"]`` (relative; 0 for the exact DP).
+    """
+    cum = cum.to(torch.float64)
+    n_rows, width = cum.shape
+    finite = torch.isfinite(cum)
+    reach = finite.sum(1) - 1  # the largest count each row can take
+    if total > int(reach.sum()) or total < 0:
+        raise PruningError(f"cannot remove {total} weights: the traces allow {int(reach.sum())}")
+    if n_rows * (total + 1) * width <= exact_budget:
+        counts = _dp_counts(cum, total)
+        loss = float(cum.gather(1, counts.unsqueeze(1)).sum())
+        return counts, {"loss": loss, "gap": 0.0, "exact": True}
+    k = torch.arange(width, dtype=torch.float64)
+
+    def choose(lam: float) -> torch.Tensor:  # first argmin: the smallest count on ties
+        return torch.argmin(cum - lam * k, dim=1)
+
+    step = torch.diff(cum, dim=1)
+    step = step[torch.isfinite(step)]
+    # above the largest step loss every row takes its whole trace (a chord's slope is a mean)
+    lo, hi = 0.0, 2.0 * (float(step.max()) if step.numel() else 0.0) + 1e-300
+    k_lo, k_hi = choose(lo), choose(hi)
+    for _ in range(200):
+        if int(k_lo.sum()) == total or hi - lo <= 1e-15 * hi:
+            break
+        mid = (lo + hi) / 2
+        k_mid = choose(mid)
+        if int(k_mid.sum()) <= total:
+            lo, k_lo = mid, k_mid
+        else:
+            hi, k_hi = mid, k_mid
+    counts = k_lo.clone()
+    left = total - int(counts.sum())
+    if left > 0:  # spread over the rows whose choice jumps at the critical price
+        jump = (k_hi > k_lo).nonzero().squeeze(1)
+        span = int((k_hi[jump] - k_lo[jump]).max())
+        sub = torch.full((jump.numel(), span + 1), math.inf, dtype=torch.float64)
+        for i, r in enumerate(jump.tolist()):
+            a, b = int(k_lo[r]), int(k_hi[r])
+            sub[i, : b - a + 1] = cum[r, a : b + 1] - cum[r, a]
+        if jump.numel() * (left + 1) * (span + 1) <= exact_budget:
+            counts[jump] += _dp_counts(sub, left)
+        else:  # many tied rows (e.g. zero losses): in order, each to its jump
+            take = torch.minimum(k_hi[jump] - k_lo[jump], torch.tensor(left))
+            take = torch.minimum(take, left - (take.cumsum(0) - take)).clamp_min(0)
+            counts[jump] += take
+    loss = float(cum.gather(1, counts.unsqueeze(1)).sum())
+    lam = hi
+    bound = float((cum - lam * k).min(1).values.sum()) + lam * total
+    gap = max(0.0, loss - bound) / loss if loss > 0 else 0.0
+    return counts, {"loss": loss, "gap": gap, "exact": False}
+
+
+def _dp_counts(cum: torch.Tensor, total: int) -> torch.Tensor:
+    """Exact minimum of ``sum_r cum[r, k_r]`` with ``sum k_r = total``, by DP over rows."""
+    n_rows, width = cum.shape
+    inf = math.inf
+    dp = torch.full((total + 1,), inf, dtype=torch.float64)
+    dp[0] = 0.0
+    choice = torch.zeros(n_rows, total + 1, dtype=torch.long)
+    j = torch.arange(total + 1).unsqueeze(1)
+    kk = torch.arange(width).unsqueeze(0)
+    prev_idx = j - kk  # [total+1, width]
+    valid = prev_idx >= 0
+    for r in range(n_rows):
+        cand = torch.where(valid, dp[prev_idx.clamp_min(0)], inf) + cum[r].unsqueeze(0)
+        dp, choice[r] = cand.min(1)
+    counts = torch.zeros(n_rows, dtype=torch.long)
+    j = total
+    for r in range(n_rows - 1, -1, -1):
+        counts[r] = choice[r, j]
+        j -= int(counts[r])
+    return counts
+
+
+def _greedy(
+    W: torch.Tensor,
+    Hinv0: torch.Tensor,
+    counts: torch.Tensor,
+    pattern: Pattern,
+    *,
+    record: bool = False,
+    row_batch: int | None = None,
+    block: int = 32,
+    margin: int = 32,
+    workspace_mb: int = 256,
+    workers: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Greedy OBS of every row of ``W`` with its own count: (weights, mask, losses, pivots).
+
+    ``record``: also the loss of each removal and the input removed, ``[rows, max(counts)]``
+    (losses 0 past a row's count); otherwise those two are None.
+    """
+    dtype = Hinv0.dtype
+    rows, cols = W.shape
     steps = int(counts.max()) if rows else 0
     Wout = W.detach().to(dtype).clone()
     mask = torch.zeros(rows, cols, dtype=torch.bool)
+    losses = torch.zeros(rows, steps, dtype=dtype) if record else None
+    pivots = torch.zeros(rows, steps, dtype=torch.long) if record else None
     if steps == 0:
-        return PruneResult(Wout.to(device, W.dtype), mask.to(device), info)
+        return Wout, mask, losses, pivots
     setsize = min(cols, steps + max(1, margin))
     if row_batch is None:  # bounded by the buffers' memory, and by ~64K weights (cache-sized steps)
         per_row = (setsize + steps) * cols * Hinv0.element_size()
@@ -115,7 +440,16 @@ def prune_obs(
             )
             for r1, r2 in batches[worker::workers]:
                 _obs_rows(
-                    Wout[r1:r2], mask[r1:r2], Hinv0, counts[r1:r2], pattern, buffers, block, floor
+                    Wout[r1:r2],
+                    mask[r1:r2],
+                    Hinv0,
+                    counts[r1:r2],
+                    pattern,
+                    buffers,
+                    block,
+                    floor,
+                    losses=None if losses is None else losses[r1:r2],
+                    pivots=None if pivots is None else pivots[r1:r2],
                 )
 
     with single_thread():  # set once here: each worker's ops then run on one core
@@ -125,7 +459,7 @@ def prune_obs(
             with ThreadPoolExecutor(workers) as pool:
                 list(pool.map(run, range(workers)))
     Wout[mask] = 0
-    return PruneResult(Wout.to(device, W.dtype), mask.to(device), info)
+    return Wout, mask, losses, pivots
 
 
 def _obs_rows(
@@ -137,8 +471,14 @@ def _obs_rows(
     buffers: tuple[torch.Tensor, torch.Tensor],
     block: int,
     floor: float,
+    losses: torch.Tensor | None = None,
+    pivots: torch.Tensor | None = None,
 ) -> None:
     """Greedy OBS on a batch of rows, in place on ``w`` and ``pruned`` (see the module docstring).
+
+    ``losses`` (``[B, max(counts)]``, optional) receives each removal's exact loss increase
+    ``w_q^2 / (2 [H^-1]_qq)`` (0 once a row has finished); ``pivots`` (same shape) the index q
+    removed at each step (meaningless once a row has finished).
 
     State per row: ``S[slot]`` = row ``coord[slot]`` of H^-1 as of step ``t0``, for the working
     set (``where[j]`` = slot of coordinate j, or -1; ``free`` slots hold nothing); ``F[s]`` = the
@@ -189,7 +529,12 @@ def _obs_rows(
         if active is not None:
             scale.mul_(active.unsqueeze(1))  # finished rows: u = 0 changes nothing
         u = torch.mul(col, scale, out=F[:, t])
-        w.addcmul_(u, w.gather(1, q1).mul_(scale), value=-1)  # w -= w_q / [H^-1]_qq H^-1[:, q]
+        a = w.gather(1, q1).mul_(scale)  # w_q / sqrt([H^-1]_qq); the step's loss is a^2 / 2
+        w.addcmul_(u, a, value=-1)  # w -= w_q / [H^-1]_qq H^-1[:, q]
+        if losses is not None:
+            torch.mul(a.squeeze(1), a.squeeze(1), out=losses[:, t]).mul_(0.5)
+        if pivots is not None:
+            pivots[:, t] = q
         D.addcmul_(u, u, value=-1)
         if active is None:
             D.scatter_(1, q1, -math.inf)

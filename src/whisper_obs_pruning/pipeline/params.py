@@ -249,6 +249,7 @@ class PruneSpec(_Spec):
     scope: Literal["row", "layer"] = "row"
     allocation: Annotated[str, BeforeValidator(_allocation)] = "uniform"
     owl_lambda: Annotated[float, Field(ge=0, lt=0.5)] = 0.08
+    obs_rows: Literal["uniform", "global"] = "uniform"
     sequential: bool = False
     targets: TargetsSpec = TargetsSpec()
 
@@ -268,6 +269,7 @@ class PruneSpec(_Spec):
             "scope": self.scope,
             "allocation": self.allocation,
             "owl_lambda": self.owl_lambda,
+            "obs_rows": self.obs_rows,
         }
 
     @model_validator(mode="after")

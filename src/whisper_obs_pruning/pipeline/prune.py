@@ -11,6 +11,7 @@ import torch
 from ..atomic import atomic_directory, save_tensors_atomic, write_json_atomic
 from ..hessians.store import open_hessians
 from ..methods import get_method, pattern_name
+from ..pruning.allocation import HESSIAN_ALLOCATIONS
 from ..pruning.apply import prune_layers
 from ..pruning.sequential import prune_sequential
 from ..pruning.targets import check_pattern_fits, weight_sparsity
@@ -48,7 +49,7 @@ def prune(
         )
     else:
         get_h = lambda name: None  # noqa: E731
-        if get_method(pr.method).needs_hessian or pr.allocation == "owl":
+        if get_method(pr.method).needs_hessian or pr.allocation in HESSIAN_ALLOCATIONS:
             _, get_h = open_hessians(hessian_dir, model, targets, fingerprint(model))
         report = prune_layers(
             model,

@@ -9,6 +9,9 @@ from importlib import import_module
 
 _EXPORTS = {
     "ALLOCATIONS": "allocation",
+    "HESSIAN_ALLOCATIONS": "allocation",
+    "choose_grid_sparsities": "allocation",
+    "obs_loss_curves": "allocation",
     "allocate_sparsity": "allocation",
     "saliency": "allocation",
     "prune_layers": "apply",

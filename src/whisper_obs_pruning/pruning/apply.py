@@ -22,7 +22,7 @@ from ..methods import (
     pattern_name,
     prune_layer,
 )
-from .allocation import allocate_sparsity
+from .allocation import HESSIAN_ALLOCATIONS, allocate_sparsity
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +40,15 @@ def prune_layers(
     blocksize: int = 128,
     scope: str = "row",
     owl_lambda: float = 0.08,
+    obs_rows: str = "uniform",
     progress: bool = True,
 ) -> dict[str, dict]:
     """Prune ``targets`` in place; return a per-layer report.
 
     ``get_hessian(name)`` supplies each layer's H when it is needed (so a caller can stream
     Hessians from disk one at a time). Weights are checked finite before they are written.
+    ``obs_rows``: the ``obs`` method's ``rows`` knob (``uniform`` / ``global``); the other
+    methods ignore it.
     """
     pat = parse_pattern(pattern)
     if pat is None:
@@ -53,7 +56,7 @@ def prune_layers(
     elif allocation != "uniform":
         raise PruningError("N:M patterns fix the sparsity per group; use allocation 'uniform'")
     modules = dict(model.named_modules())
-    needs_h = get_method(method).needs_hessian or allocation == "owl"
+    needs_h = get_method(method).needs_hessian or allocation in HESSIAN_ALLOCATIONS
     if allocation == "uniform" or pat is not None:
         per_layer = dict.fromkeys(targets, sparsity if pat is None else 0.0)
     else:
@@ -82,6 +85,7 @@ def prune_layers(
             rel_damp=rel_damp,
             blocksize=blocksize,
             scope=scope,
+            rows=obs_rows,
         )
         new_w = result.weight.to(W.device, W.dtype)
         if not torch.isfinite(new_w).all():  # e.g. overflow when casting to fp16
