@@ -295,6 +295,35 @@ class EvaluateSpec(_Spec):
     batch_size: PositiveInt = 16
 
 
+def _scheme(value: object) -> str:
+    from ..quant.grid import QuantError, parse_scheme
+
+    if not isinstance(value, str):
+        raise _bad("must be 'none' or a scheme such as 'int8', 'int4-g128', 'int4-g64-asym'", value)
+    try:
+        parse_scheme(value)
+    except QuantError as exc:
+        raise PydanticCustomError("whisper_obs", ": {msg}", {"msg": str(exc)}) from None
+    return value.strip().lower()
+
+
+def _quantizer(value: object) -> str:
+    from ..quant.registry import QUANTIZERS
+
+    if value not in QUANTIZERS:
+        raise _bad(f"is not allowed; choose one of {list(QUANTIZERS)}", value)
+    return value
+
+
+class QuantSection(_Spec):
+    """How quantized sweep points are made (``sweep.quant`` lists the schemes)."""
+
+    method: Annotated[str, BeforeValidator(_quantizer)] = "gptq"
+    other_dtype: Literal["float16", "float32"] = (
+        "float16"  # non-quantized tensors in the checkpoint
+    )
+
+
 class SweepSpec(_Spec):
     methods: Annotated[list[MethodName], Field(min_length=1)] = [
         "magnitude",
@@ -306,6 +335,7 @@ class SweepSpec(_Spec):
     patterns: Annotated[list[NMPattern], BeforeValidator(lambda v: [] if v is None else v)] = [
         "2:4"
     ]
+    quant: Annotated[list[Annotated[str, BeforeValidator(_scheme)]], Field(min_length=1)] = ["none"]
 
 
 class MlflowSpec(_Spec):
@@ -325,6 +355,7 @@ class Params(_Spec):
     prune: PruneSpec = PruneSpec()
     evaluate: EvaluateSpec = EvaluateSpec()
     sweep: SweepSpec = SweepSpec()
+    quant: QuantSection = QuantSection()
     mlflow: MlflowSpec = MlflowSpec()
 
     @model_validator(mode="after")

@@ -12,44 +12,85 @@ import hashlib
 import io
 import json
 import logging
+import tempfile
 import time
 from pathlib import Path
 
-from ..atomic import atomic_path, write_json_atomic, write_text_atomic
+from ..atomic import write_json_atomic, write_text_atomic
 from ..hessians.store import reusable_hessians
 from ..methods import parse_pattern, pattern_name
 from ..pruning.apply import prune_layers
 from ..pruning.targets import check_pattern_fits, weight_sparsity
+from ..quant.apply import quantize_layers
+from ..quant.checkpoint import save_quantized
+from ..quant.grid import parse_scheme
 from ..whisper.loading import load_whisper
+from ..whisper.sparse_checkpoint import save_sparse
 from . import tracking
 from .common import fingerprint, load_split, seed_everything, targets_for
 from .evaluate import evaluate_on
 from .params import Params, flatten
+from .plots import plot_size, plot_sparsity
 
 log = logging.getLogger(__name__)
 
-CSV_FIELDS = ("method", "pattern", "target_sparsity", "sparsity", "wer", "cer")
+CSV_FIELDS = (
+    "method",
+    "pattern",
+    "target_sparsity",
+    "quant",
+    "sparsity",
+    "wer",
+    "cer",
+    "model_bytes",
+    "bits_per_weight",
+)
 
 
 def sweep_points(p: Params) -> list[dict]:
-    """The grid: every method at every sparsity, then every method at every N:M pattern."""
+    """The grid, per quantization scheme (``none`` first): every method at every sparsity,
+    then at every N:M pattern; a quantized scheme also gets the dense model quantized."""
     sw = p.sweep
-    points = [
-        {"method": m, "pattern": "unstructured", "target_sparsity": float(s)}
-        for m in sw.methods
-        for s in sw.sparsities
-    ]
-    for pat in sw.patterns:
-        n, m_ = parse_pattern(pat)
+    points: list[dict] = []
+    for q in sw.quant:
+        if q != "none":
+            points.append(
+                {"method": "dense", "pattern": "dense", "target_sparsity": 0.0, "quant": q}
+            )
         points += [
-            {"method": m, "pattern": pattern_name((n, m_)), "target_sparsity": n / m_}
+            {"method": m, "pattern": "unstructured", "target_sparsity": float(s), "quant": q}
             for m in sw.methods
+            for s in sw.sparsities
         ]
+        for pat in sw.patterns:
+            n, m_ = parse_pattern(pat)
+            points += [
+                {
+                    "method": m,
+                    "pattern": pattern_name((n, m_)),
+                    "target_sparsity": n / m_,
+                    "quant": q,
+                }
+                for m in sw.methods
+            ]
     return points
 
 
 def point_key(point: dict) -> str:
-    return f"{point['method']}@{point['pattern']}@{point['target_sparsity']:.4f}"
+    key = f"{point['method']}@{point['pattern']}@{point['target_sparsity']:.4f}"
+    quant = point.get("quant", "none")
+    return key if quant == "none" else f"{key}+{quant}"
+
+
+def checkpoint_bytes(model, processor, targets: list[str], quant_results: dict | None) -> int:
+    """Bytes of the weights file of the compressed checkpoint of the model as evaluated:
+    the quantized (+ bitmask) format for a quantized point, else the sparse export."""
+    with tempfile.TemporaryDirectory(prefix="whisper-obs-size-") as tmp:
+        if quant_results:
+            summary = save_quantized(model, quant_results, Path(tmp) / "q", other_dtype="float16")
+        else:
+            summary = save_sparse(model, Path(tmp) / "s", targets=targets, processor=processor)
+        return int(summary["weights_bytes"])
 
 
 def _data_digest(utterances) -> str:
@@ -83,6 +124,7 @@ def _config_key(p: Params, manifest: dict, utterances, model_fp: str) -> str:
         "data": p.data.evaluation.model_dump(),
         "evaluate": p.evaluate.model_dump(),
         "prune": p.prune.model_dump(exclude={"method", "sparsity", "pattern"}),
+        "quant": p.quant.model_dump(),
         "hessians": sorted({v["sha256"] for v in manifest["layers"].values()}),
         "seed": p.seed,
     }
@@ -119,8 +161,9 @@ def run_sweep(
     manifest, get_hessian = reusable_hessians(
         hessian_dir, model, targets, fingerprint(model), p.calibrate.max_hessian_bytes
     )
-    modules = dict(model.named_modules())
-    dense = {n: modules[n].weight.data.clone() for n in targets}
+    dense_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    n_params = sum(t.numel() for t in {id(t): t for t in model.parameters()}.values())
+    dense_bytes = 4 * n_params  # the float32 checkpoint's weights
     data = load_split(p.data.evaluation, "evaluation")
     state = _load_state(state_dir, _config_key(p, manifest, data.utterances, fingerprint(model)))
     points = sweep_points(p)
@@ -155,8 +198,12 @@ def run_sweep(
                 "method": "dense",
                 "pattern": "dense",
                 "target_sparsity": 0.0,
+                "quant": "none",
                 "sparsity": weight_sparsity(model, targets),
                 **_keep(m),
+                "model_bytes": dense_bytes,
+                "model_bytes_fp16": dense_bytes // 2,
+                "bits_per_weight": 32.0,
             }
             write_json_atomic(state_dir / "state.json", state)
         if "dense" not in logged:
@@ -169,26 +216,46 @@ def run_sweep(
                     _log_point(mlflow, state["points"][key], key)
                 continue
             log.info("sweep point %d/%d: %s", i + 1, len(points), key)
-            for n in targets:
-                modules[n].weight.data.copy_(dense[n])
+            model.load_state_dict(dense_state)  # quantization also rounds the other tensors
             t0 = time.perf_counter()
-            prune_layers(
-                model,
-                targets,
-                get_hessian,
-                method=point["method"],
-                sparsity=point["target_sparsity"],
-                pattern=point["pattern"],
-                progress=False,
-                **p.prune.method_kwargs(),
-            )
+            if point["method"] != "dense":
+                prune_layers(
+                    model,
+                    targets,
+                    get_hessian,
+                    method=point["method"],
+                    sparsity=point["target_sparsity"],
+                    pattern=point["pattern"],
+                    progress=False,
+                    **p.prune.method_kwargs(),
+                )
             prune_s = time.perf_counter() - t0
+            quant_results, quant_s = None, 0.0
+            spec = parse_scheme(point["quant"])
+            if spec is not None:
+                t1 = time.perf_counter()
+                quant_results, _ = quantize_layers(
+                    model,
+                    targets,
+                    get_hessian,
+                    spec,
+                    method=p.quant.method,
+                    rel_damp=p.prune.rel_damp,
+                    blocksize=p.prune.blocksize,
+                    other_dtype=p.quant.other_dtype,
+                    progress=False,
+                )
+                quant_s = time.perf_counter() - t1
             m = evaluate_now(key)
+            nbytes = checkpoint_bytes(model, processor, targets, quant_results)
             result = {
                 **point,
                 "sparsity": weight_sparsity(model, targets),
                 **_keep(m),
                 "prune_seconds": round(prune_s, 2),
+                "quant_seconds": round(quant_s, 2),
+                "model_bytes": nbytes,
+                "bits_per_weight": round(8 * nbytes / n_params, 3),
             }
             state["points"][key] = result
             write_json_atomic(state_dir / "state.json", state)
@@ -203,8 +270,7 @@ def run_sweep(
         }
         write_outputs(summary, out_dir)
         _log_parent(mlflow, summary, out_dir)
-    for n in targets:
-        modules[n].weight.data.copy_(dense[n])
+    model.load_state_dict(dense_state)
     return summary
 
 
@@ -239,22 +305,32 @@ def _finished_points(mlflow, parent_id: str) -> set[str]:
 def _log_point(mlflow, result: dict, key: str) -> None:
     step = round(100 * result["target_sparsity"])
     with mlflow.start_run(run_name=key, nested=True, tags={"stage": "sweep-point", "point": key}):
-        mlflow.log_params({k: result[k] for k in ("method", "pattern", "target_sparsity")})
-        mlflow.log_metrics(
-            {k: float(result[k]) for k in ("wer", "cer", "sparsity", "wer_raw") if k in result},
-            step=step,
+        mlflow.log_params(
+            {k: result.get(k, "none") for k in ("method", "pattern", "target_sparsity", "quant")}
         )
-        if "prune_seconds" in result:
-            mlflow.log_metric("prune_seconds", result["prune_seconds"], step=step)
+        keys = ("wer", "cer", "sparsity", "wer_raw", "model_bytes", "bits_per_weight")
+        mlflow.log_metrics(
+            {k: float(result[k]) for k in keys if result.get(k) is not None}, step=step
+        )
+        for k in ("prune_seconds", "quant_seconds"):
+            if k in result:
+                mlflow.log_metric(k, result[k], step=step)
 
 
 def _log_parent(mlflow, summary: dict, out_dir: Path) -> None:
     dense = summary["dense"]
     mlflow.log_metric("wer_dense", dense["wer"])
+    names = set()
     for pt in summary["points"]:
-        name = f"wer_{pt['method']}" + ("" if pt["pattern"] == "unstructured" else "_nm")
+        if pt["method"] == "dense":
+            continue  # quantized dense: a point of its own run, not a curve
+        label = _row_label(pt).replace("+", "_")  # MLflow metric names: no '+'
+        name = f"wer_{label}" + ("" if pt["pattern"] == "unstructured" else "_nm")
+        if name not in names:  # every curve starts at the dense model, step 0
+            mlflow.log_metric(name, dense["wer"], step=0)
+            names.add(name)
         mlflow.log_metric(name, pt["wer"], step=round(100 * pt["target_sparsity"]))
-    for f in ("sweep.json", "sweep.csv", "sparsity_wer.png"):
+    for f in ("sweep.json", "sweep.csv", "sparsity_wer.png", "size_wer.png"):
         mlflow.log_artifact(str(out_dir / f))
 
 
@@ -269,103 +345,31 @@ def write_outputs(summary: dict, out_dir: Path) -> None:
     for pt in summary["points"]:
         w.writerow(pt)
     write_text_atomic(out_dir / "sweep.csv", buf.getvalue())
-    plot(summary, out_dir / "sparsity_wer.png")
+    unquantized = [pt for pt in summary["points"] if pt.get("quant", "none") == "none"]
+    plot_sparsity(
+        {**summary, "points": [pt for pt in unquantized if pt["method"] != "dense"]},
+        out_dir / "sparsity_wer.png",
+    )
+    plot_size(summary, out_dir / "size_wer.png")
 
 
-def _plot_x(pt: dict) -> float:
-    """Sparsity in percent; N:M points sit just right of the unstructured point they equal."""
-    return 100 * pt["sparsity"] + (0.0 if pt["pattern"] == "unstructured" else 1.5)
-
-
-def _plot_label(pt: dict) -> str:
-    return pt["method"] if pt["pattern"] == "unstructured" else f"{pt['method']} {pt['pattern']}"
-
-
-def plot(summary: dict, path: Path) -> None:
-    """WER against sparsity: a line per method, N:M as separate markers, dense dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    dense = summary["dense"]["wer"] * 100
-    ax.axhline(dense, color="black", ls="--", lw=1, label=f"dense ({dense:.1f}%)")
-    methods = list(dict.fromkeys(pt["method"] for pt in summary["points"]))
-    all_wer = [dense]
-    for i, m in enumerate(methods):
-        color = f"C{i}"
-        pts = sorted(
-            (
-                pt
-                for pt in summary["points"]
-                if pt["method"] == m and pt["pattern"] == "unstructured"
-            ),
-            key=lambda pt: pt["target_sparsity"],
-        )
-        if pts:
-            xs = [0] + [100 * pt["sparsity"] for pt in pts]
-            ys = [dense] + [100 * pt["wer"] for pt in pts]
-            ax.plot(xs, ys, marker="o", color=color, label=m, clip_on=True)
-            all_wer += ys
-        for pt in summary["points"]:
-            if pt["method"] == m and pt["pattern"] != "unstructured":
-                ax.scatter(
-                    _plot_x(pt),
-                    100 * pt["wer"],
-                    marker="s",
-                    s=60,
-                    facecolors="none",
-                    edgecolors=color,
-                    label=_plot_label(pt),
-                )
-                all_wer.append(100 * pt["wer"])
-    top = min(max(all_wer) * 1.1, max(100.0, dense * 4))
-    ax.set_ylim(0, top)
-    if max(all_wer) > top:  # degenerate points: drawn at the top edge, values listed below it
-        over: dict[float, list[str]] = {}
-        for m in methods:
-            for pt in summary["points"]:
-                if pt["method"] == m and 100 * pt["wer"] > top:
-                    label = f"{_plot_label(pt)} {100 * pt['wer']:.0f}%"
-                    over.setdefault(round(_plot_x(pt), 1), []).append(label)
-        for x, labels in over.items():
-            ax.annotate(
-                "\n".join(labels),
-                (x, top),
-                xytext=(-4, -4),
-                textcoords="offset points",
-                ha="right",
-                va="top",
-                fontsize=7,
-                color="gray",
-            )
-        ax.set_title(
-            f"{summary['model_id']}: WER vs sparsity ({summary['num_utterances']} utts; "
-            f"values above {top:.0f}% written at the edge)",
-            fontsize=10,
-        )
-    else:
-        ax.set_title(f"{summary['model_id']}: WER vs sparsity ({summary['num_utterances']} utts)")
-    ax.set_xlabel("sparsity of pruned Linear layers (%)")
-    ax.set_ylabel("WER (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2, loc="center left")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+def _row_label(pt: dict) -> str:
+    """``obs``, or ``obs+int4-g128`` for a quantized point (``dense+int8`` for dense)."""
+    quant = pt.get("quant", "none")
+    return pt["method"] if quant == "none" else f"{pt['method']}+{quant}"
 
 
 def format_table(summary: dict) -> str:
-    """Plain-text table: a row per method, a column per sparsity / pattern, cells WER %."""
+    """Plain-text table: a row per method (and quantization), a column per sparsity / pattern,
+    cells WER %."""
+    points = [pt for pt in summary["points"] if pt["method"] != "dense"]
     cols = sorted(
-        dict.fromkeys((pt["pattern"], pt["target_sparsity"]) for pt in summary["points"]),
+        dict.fromkeys((pt["pattern"], pt["target_sparsity"]) for pt in points),
         key=lambda c: (c[0] != "unstructured", c[0], c[1]),
     )
-    by = {(pt["method"], pt["pattern"], pt["target_sparsity"]): pt for pt in summary["points"]}
+    by = {(_row_label(pt), pt["pattern"], pt["target_sparsity"]): pt for pt in points}
     rows = [["method"] + [f"{100 * s:.0f}%" if pat == "unstructured" else pat for pat, s in cols]]
-    for m in dict.fromkeys(pt["method"] for pt in summary["points"]):
+    for m in dict.fromkeys(_row_label(pt) for pt in points):
         cells = [by.get((m, pat, s)) for pat, s in cols]
         rows.append([m] + [f"{100 * pt['wer']:.1f}" if pt else "-" for pt in cells])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -375,6 +379,9 @@ def format_table(summary: dict) -> str:
         f"dense model: {dense:.2f}%"
     ]
     lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    quantized_dense = [pt for pt in summary["points"] if pt["method"] == "dense"]
+    for pt in quantized_dense:
+        lines.append(f"dense+{pt['quant']}: WER {100 * pt['wer']:.1f}")
     return "\n".join(lines)
 
 
