@@ -13,7 +13,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 export WHISPER_OBS_CACHE ?= $(abspath .cache)
 UI_PORT ?= 5000
 
-.PHONY: install run test test-slow test-all ui bench lint format clean-runs
+.PHONY: install run frontier test test-slow test-all ui bench lint format clean-runs
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,8 +25,13 @@ install: $(STAMP)
 
 ## run: the full default pipeline (calibrate -> prune -> evaluate, sweep), then the table
 run: install
-	dvc repro
+	dvc repro calibrate prune evaluate sweep
 	@python -m whisper_obs_pruning.pipeline.report
+
+## frontier: WER vs compressed-checkpoint size (sparse x int8/int4 GPTQ), metrics/frontier/
+frontier: install
+	dvc repro frontier
+	@python -m whisper_obs_pruning.pipeline.report metrics/frontier
 
 ## test: the default test suite (< 15 min on 2 cores); `make test-all` adds the slow tests
 test: install

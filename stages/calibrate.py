@@ -8,9 +8,10 @@ from whisper_obs_pruning.atomic import write_json_atomic
 from whisper_obs_pruning.pipeline.calibrate import calibrate
 from whisper_obs_pruning.pipeline.cli import stage_main
 from whisper_obs_pruning.pipeline.common import check_tracking, log_stage
+from whisper_obs_pruning.pipeline.params import Params
 
 
-def main(params: "Params", args) -> None:
+def main(params: Params, args) -> None:
     """Calibrate: teacher-forced passes over the calibration audio, one Hessian per Linear input."""
     check_tracking(params)  # an unusable MLflow store fails now, not after the work
     metrics = calibrate(params, args.out, progress=not args.no_progress)

@@ -8,10 +8,11 @@ from whisper_obs_pruning.atomic import write_json_atomic
 from whisper_obs_pruning.pipeline.cli import stage_main
 from whisper_obs_pruning.pipeline.common import check_tracking, log_stage
 from whisper_obs_pruning.pipeline.evaluate import evaluate
+from whisper_obs_pruning.pipeline.params import Params
 from whisper_obs_pruning.speech.scoring import write_rows_csv
 
 
-def main(params: "Params", args) -> None:
+def main(params: Params, args) -> None:
     """Transcribe the evaluation split with the pruned model and score it."""
     check_tracking(params)
     metrics, rows = evaluate(params, args.model, progress=not args.no_progress)

@@ -6,10 +6,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # this checkout's code
 from whisper_obs_pruning.pipeline.cli import stage_main
 from whisper_obs_pruning.pipeline.common import check_tracking, log_stage
+from whisper_obs_pruning.pipeline.params import Params
 from whisper_obs_pruning.pipeline.prune import prune
 
 
-def main(params: "Params", args) -> None:
+def main(params: Params, args) -> None:
     """Prune with prune.method / sparsity / pattern from the cached Hessians."""
     check_tracking(params)
     summary = prune(params, args.hessians, args.out, progress=not args.no_progress)

@@ -21,6 +21,12 @@ SMALL = {
     "data": {"calibration": {"max_samples": 6}, "evaluation": {"max_samples": 8}},
     "prune": {"method": "sparsegpt", "sparsity": 0.5},
     "sweep": {"methods": ["magnitude", "sparsegpt"], "sparsities": [0.5], "patterns": ["2:4"]},
+    "frontier": {
+        "methods": ["magnitude"],
+        "sparsities": [0.5],
+        "patterns": [],
+        "quant": ["none", "int8"],
+    },
 }
 
 
@@ -101,7 +107,9 @@ def test_dvc_repro_writes_metrics(repro):
     # the second-order method must not be worse than magnitude at 50 %
     assert pts[("sparsegpt", "unstructured")]["wer"] <= pts[("magnitude", "unstructured")]["wer"]
     csv_lines = (root / "metrics/sweep.csv").read_text().splitlines()
-    assert csv_lines[0] == "method,pattern,target_sparsity,sparsity,wer,cer"
+    assert csv_lines[0] == (
+        "method,pattern,target_sparsity,quant,sparsity,wer,cer,model_bytes,bits_per_weight"
+    )
     assert len(csv_lines) == 1 + 1 + 4
     assert (root / "metrics/sparsity_wer.png").stat().st_size > 10_000
     assert "dense model" in out  # the sweep prints its table
@@ -112,13 +120,26 @@ def test_dvc_repro_writes_metrics(repro):
     m = WhisperForConditionalGeneration.from_pretrained(root / "artifacts/pruned/model")
     assert float((m.model.encoder.layers[0].fc1.weight == 0).float().mean()) == pytest.approx(0.5)
 
+    frontier = json.loads((root / "metrics/frontier/sweep.json").read_text())
+    fp = {(p["method"], p["quant"]): p for p in frontier["points"]}
+    assert set(fp) == {("magnitude", "none"), ("dense", "int8"), ("magnitude", "int8")}
+    assert fp[("magnitude", "int8")]["model_bytes"] < fp[("magnitude", "none")]["model_bytes"]
+    assert fp[("dense", "int8")]["model_bytes"] < frontier["dense"]["model_bytes"] / 3
+    assert (root / "metrics/frontier/size_wer.png").stat().st_size > 10_000
+
 
 def test_mlflow_runs_nested(repro):
     root, _, _ = repro
     db = sqlite3.connect(root / "mlflow.db")
     runs = db.execute("SELECT run_uuid, name, status FROM runs").fetchall()
     names = [r[1] for r in runs]
-    for stage in ("calibrate", "prune", "evaluate", "sweep"):
+    for stage in (
+        "calibrate",
+        "prune sparsegpt 50%",
+        "evaluate sparsegpt 50%",
+        "sweep",
+        "frontier",
+    ):
         assert stage in names
     assert all(r[2] == "FINISHED" for r in runs)
     parent = next(r[0] for r in runs if r[1] == "sweep")
@@ -178,7 +199,7 @@ def test_two_queued_experiments_run_concurrently(repro):
     db = sqlite3.connect(root / "mlflow.db")
     rows = db.execute(
         "SELECT r.status, p.value FROM runs r JOIN params p ON p.run_uuid = r.run_uuid "
-        "WHERE r.name = 'evaluate' AND p.key = 'prune.sparsity'"
+        "WHERE r.name LIKE 'evaluate%' AND p.key = 'prune.sparsity'"
     ).fetchall()
     finished = {v for st, v in rows if st == "FINISHED"}
     assert {"0.3", "0.6"} <= finished
@@ -263,3 +284,22 @@ def test_queue_logs_to_one_tracking_server_and_pushes_to_a_remote(repro, tmp_pat
     assert (root / "artifacts" / "hessians" / "manifest.json").is_file()
     status = sh(["dvc", "status"], root, env)
     assert "up to date" in status.lower() or status.strip() == ""
+
+
+def test_touching_a_method_never_stales_calibrate(repro):
+    """Narrow deps (issue 10): editing a pruning method re-runs prune/sweep, never calibrate."""
+    root, env, _ = repro
+    method = root / "src/whisper_obs_pruning/methods/sparsegpt.py"
+    original = method.read_text()
+    try:
+        method.write_text(original + "\n# touched\n")
+        status = sh(["dvc", "status"], root, env)
+    finally:
+        method.write_text(original)
+    stale = {
+        line.strip().rstrip(":")
+        for line in status.splitlines()
+        if line and line[0] != "\t" and not line.startswith(" ")
+    }
+    assert {"prune", "sweep", "frontier"} <= stale, status
+    assert "calibrate" not in stale and "evaluate" not in stale, status

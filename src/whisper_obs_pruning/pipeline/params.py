@@ -355,6 +355,12 @@ class Params(_Spec):
     prune: PruneSpec = PruneSpec()
     evaluate: EvaluateSpec = EvaluateSpec()
     sweep: SweepSpec = SweepSpec()
+    frontier: SweepSpec = SweepSpec(
+        methods=["sparsegpt", "obs"],
+        sparsities=[0.5],
+        patterns=[],
+        quant=["none", "int8", "int4-g128"],
+    )
     quant: QuantSection = QuantSection()
     mlflow: MlflowSpec = MlflowSpec()
 
@@ -368,7 +374,7 @@ class Params(_Spec):
                 "prune.method = {m!r} needs calibrate.hessian = 'full' (it is 'diagonal')",
                 {"m": self.prune.method},
             )
-        for m in self.sweep.methods:
+        for m in [*self.sweep.methods, *self.frontier.methods]:
             if _registry()[m].needs_full_hessian:
                 raise PydanticCustomError(
                     "whisper_obs",

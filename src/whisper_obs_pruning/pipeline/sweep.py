@@ -150,6 +150,7 @@ def run_sweep(
     state_dir: str | Path = "artifacts/sweep_state",
     *,
     progress: bool = True,
+    name: str = "sweep",
 ) -> dict:
     """Run (or resume) the sweep; write sweep.json / sweep.csv / sparsity_wer.png; log MLflow."""
     seed_everything(p.seed)
@@ -182,7 +183,7 @@ def run_sweep(
     run_kwargs = (
         {"run_id": state["parent_run_id"]}
         if state["parent_run_id"]
-        else {"run_name": "sweep", "tags": {"stage": "sweep", **tracking.provenance()}}
+        else {"run_name": name, "tags": {"stage": name, **tracking.provenance()}}
     )
     with mlflow.start_run(**run_kwargs) as parent:
         if not state["parent_run_id"]:
@@ -379,9 +380,19 @@ def format_table(summary: dict) -> str:
         f"dense model: {dense:.2f}%"
     ]
     lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    quantized_dense = [pt for pt in summary["points"] if pt["method"] == "dense"]
-    for pt in quantized_dense:
-        lines.append(f"dense+{pt['quant']}: WER {100 * pt['wer']:.1f}")
+    if any(pt.get("quant", "none") != "none" for pt in summary["points"]):
+        lines += ["", "checkpoint size (weights file) and WER:"]
+        lines.append(f"{'point':>28}  {'WER %':>6}  {'MB':>6}  {'bits/w':>6}")
+        d = summary["dense"]
+        for pt in [d, *summary["points"]]:
+            label = "dense fp32" if pt is d else f"{_row_label(pt)} {pt['pattern']}"
+            if pt is not d and pt["pattern"] == "unstructured":
+                label = f"{_row_label(pt)} {100 * pt['target_sparsity']:.0f}%"
+            if pt.get("model_bytes"):
+                lines.append(
+                    f"{label:>28}  {100 * pt['wer']:6.2f}  {pt['model_bytes'] / 1e6:6.1f}  "
+                    f"{pt['bits_per_weight']:6.2f}"
+                )
     return "\n".join(lines)
 
 
