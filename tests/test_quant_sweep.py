@@ -1,4 +1,5 @@
-"""The sweep's quantization axis: joint prune + GPTQ from one calibration, sizes measured."""
+"""The sweep's quantization axis (joint prune + GPTQ from one calibration, sizes measured) and
+its extra evaluation splits."""
 
 from __future__ import annotations
 
@@ -29,6 +30,9 @@ def test_quantized_points_are_smaller_and_keep_the_zeros(tmp_path, monkeypatch):
             "sweep.sparsities": [0.5],
             "sweep.patterns": [],
             "sweep.quant": ["none", "int4-g128"],
+            "data.extra_evaluation": [
+                {"name": "again", "source": "embedded", "split": "evaluation", "max_samples": 2}
+            ],
         }
     )
     calibrate(p, tmp_path / "h", progress=False)
@@ -48,3 +52,8 @@ def test_quantized_points_are_smaller_and_keep_the_zeros(tmp_path, monkeypatch):
     assert (tmp_path / "out" / "size_wer.png").stat().st_size > 1000
     assert "sparsegpt+int4-g128" in format_table(summary)
     assert "int4-g128" in (tmp_path / "out" / "sweep.csv").read_text()
+    # every point is also scored on the extra split (issue 12): its own WER column and table
+    for pt in [summary["dense"], *summary["points"]]:
+        assert 0 <= pt["wer_again"] < 5 and pt["num_utterances_again"] == 2
+    assert "wer_again" in (tmp_path / "out" / "sweep.csv").read_text().splitlines()[0]
+    assert "WER % on split 'again' (2 utterances)" in format_table(summary)

@@ -209,9 +209,22 @@ class SplitSpec(_Spec):
     max_samples: OptionalPositiveInt = None
 
 
+def _split_name(value: object) -> str:
+    if not isinstance(value, str) or not value.isidentifier():
+        raise _bad("must be a short identifier (letters, digits, _), e.g. real", value)
+    return value
+
+
+class NamedSplitSpec(SplitSpec):
+    """A further evaluation split, scored at every sweep point as ``wer_<name>``."""
+
+    name: Annotated[str, BeforeValidator(_split_name)]
+
+
 class DataSpec(_Spec):
     calibration: SplitSpec = SplitSpec(split="calibration")
     evaluation: SplitSpec = SplitSpec(split="evaluation")
+    extra_evaluation: list[NamedSplitSpec] = []
 
 
 class CalibrateSpec(_Spec):

@@ -25,7 +25,9 @@ def main(metrics_dir: str = "metrics") -> int:
             f"target {100 * ev['target_sparsity']:.0f}%): WER {100 * ev['wer']:.2f}%, "
             f"CER {100 * ev['cer']:.2f}%, measured sparsity {100 * ev['sparsity']:.2f}%"
         )
-    print(f"\nplots:    {Path(metrics_dir) / 'sparsity_wer.png'}, {Path(metrics_dir) / 'size_wer.png'}")
+    print(
+        f"\nplots:    {Path(metrics_dir) / 'sparsity_wer.png'}, {Path(metrics_dir) / 'size_wer.png'}"
+    )
     print(f"table:    {Path(metrics_dir) / 'sweep.csv'} (and sweep.json)")
     print(
         "MLflow:   make ui  ->  http://127.0.0.1:5000 (experiment 'whisper-obs', sweep run "

@@ -24,6 +24,7 @@ from ..pruning.targets import check_pattern_fits, weight_sparsity
 from ..quant.apply import quantize_layers
 from ..quant.checkpoint import save_quantized
 from ..quant.grid import parse_scheme
+from ..speech.scoring import write_rows_csv
 from ..whisper.loading import load_whisper
 from ..whisper.sparse_checkpoint import save_sparse
 from . import tracking
@@ -122,6 +123,7 @@ def _config_key(p: Params, manifest: dict, utterances, model_fp: str) -> str:
         "model_fingerprint": model_fp,
         "model": p.model.model_dump(),
         "data": p.data.evaluation.model_dump(),
+        "extra_data": [x.model_dump() for x in p.data.extra_evaluation],
         "evaluate": p.evaluate.model_dump(),
         "prune": p.prune.model_dump(exclude={"method", "sparsity", "pattern"}),
         "quant": p.quant.model_dump(),
@@ -166,11 +168,36 @@ def run_sweep(
     n_params = sum(t.numel() for t in {id(t): t for t in model.parameters()}.values())
     dense_bytes = 4 * n_params  # the float32 checkpoint's weights
     data = load_split(p.data.evaluation, "evaluation")
-    state = _load_state(state_dir, _config_key(p, manifest, data.utterances, fingerprint(model)))
+    extras = {x.name: load_split(x, x.name) for x in p.data.extra_evaluation}
+    state = _load_state(
+        state_dir,
+        _config_key(
+            p,
+            manifest,
+            [u for d in (data, *extras.values()) for u in d.utterances],
+            fingerprint(model),
+        ),
+    )
     points = sweep_points(p)
 
     def evaluate_now(desc: str) -> dict:
-        return evaluate_on(p, model, processor, data.utterances, progress=progress, desc=desc)[0]
+        """WER/CER on the evaluation split, ``wer_<name>``/``cer_<name>`` on each extra one;
+        the per-utterance transcripts of every split go to the point's MLflow run."""
+        metrics, rows = evaluate_on(
+            p, model, processor, data.utterances, progress=progress, desc=desc
+        )
+        out = _keep(metrics)
+        transcripts = {"evaluation": rows}
+        for name, extra in extras.items():
+            m, r = evaluate_on(
+                p, model, processor, extra.utterances, progress=progress, desc=f"{desc} {name}"
+            )
+            out.update({f"{k}_{name}": m[k] for k in ("wer", "cer", "num_utterances")})
+            transcripts[name] = r
+        pending_transcripts[desc] = transcripts
+        return out
+
+    pending_transcripts: dict[str, dict[str, list]] = {}
 
     mlflow = tracking.setup(p.mlflow.experiment, p.mlflow.tracking_uri)
     if state["parent_run_id"] and not _run_exists(mlflow, state["parent_run_id"]):
@@ -201,14 +228,14 @@ def run_sweep(
                 "target_sparsity": 0.0,
                 "quant": "none",
                 "sparsity": weight_sparsity(model, targets),
-                **_keep(m),
+                **m,
                 "model_bytes": dense_bytes,
                 "model_bytes_fp16": dense_bytes // 2,
                 "bits_per_weight": 32.0,
             }
             write_json_atomic(state_dir / "state.json", state)
         if "dense" not in logged:
-            _log_point(mlflow, state["dense"], "dense")
+            _log_point(mlflow, state["dense"], "dense", pending_transcripts.pop("dense", None))
         for i, point in enumerate(points):
             key = point_key(point)
             if key in state["points"]:
@@ -252,7 +279,7 @@ def run_sweep(
             result = {
                 **point,
                 "sparsity": weight_sparsity(model, targets),
-                **_keep(m),
+                **m,
                 "prune_seconds": round(prune_s, 2),
                 "quant_seconds": round(quant_s, 2),
                 "model_bytes": nbytes,
@@ -260,7 +287,7 @@ def run_sweep(
             }
             state["points"][key] = result
             write_json_atomic(state_dir / "state.json", state)
-            _log_point(mlflow, result, key)
+            _log_point(mlflow, result, key, pending_transcripts.pop(key, None))
         summary = {
             "model_id": p.model.id,
             "num_utterances": len(data.utterances),
@@ -303,16 +330,23 @@ def _finished_points(mlflow, parent_id: str) -> set[str]:
     return done
 
 
-def _log_point(mlflow, result: dict, key: str) -> None:
+def _log_point(mlflow, result: dict, key: str, transcripts: dict | None = None) -> None:
     step = round(100 * result["target_sparsity"])
     with mlflow.start_run(run_name=key, nested=True, tags={"stage": "sweep-point", "point": key}):
         mlflow.log_params(
             {k: result.get(k, "none") for k in ("method", "pattern", "target_sparsity", "quant")}
         )
         keys = ("wer", "cer", "sparsity", "wer_raw", "model_bytes", "bits_per_weight")
+        split_keys = [k for k in result if k.startswith(("wer_", "cer_")) and k != "wer_raw"]
         mlflow.log_metrics(
-            {k: float(result[k]) for k in keys if result.get(k) is not None}, step=step
+            {k: float(result[k]) for k in (*keys, *split_keys) if result.get(k) is not None},
+            step=step,
         )
+        for split, rows in (transcripts or {}).items():
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / f"utterances_{split}.csv"
+                write_rows_csv(path, rows)
+                mlflow.log_artifact(str(path))
         for k in ("prune_seconds", "quant_seconds"):
             if k in result:
                 mlflow.log_metric(k, result[k], step=step)
@@ -340,7 +374,13 @@ def write_outputs(summary: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / "sweep.json", summary)
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
+    split_fields = [
+        k
+        for k in summary["dense"]
+        if k.startswith(("wer_", "cer_")) and k != "wer_raw" and not k.startswith("wer_dense")
+    ]
+    fields = [*CSV_FIELDS, *(k for k in split_fields if not k.startswith("num_"))]
+    w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     w.writerow(summary["dense"])
     for pt in summary["points"]:
@@ -360,9 +400,8 @@ def _row_label(pt: dict) -> str:
     return pt["method"] if quant == "none" else f"{pt['method']}+{quant}"
 
 
-def format_table(summary: dict) -> str:
-    """Plain-text table: a row per method (and quantization), a column per sparsity / pattern,
-    cells WER %."""
+def _grid_lines(summary: dict, key: str, header: str) -> list[str]:
+    """A row per method (and quantization), a column per sparsity / pattern, cells ``key`` %."""
     points = [pt for pt in summary["points"] if pt["method"] != "dense"]
     cols = sorted(
         dict.fromkeys((pt["pattern"], pt["target_sparsity"]) for pt in points),
@@ -372,14 +411,36 @@ def format_table(summary: dict) -> str:
     rows = [["method"] + [f"{100 * s:.0f}%" if pat == "unstructured" else pat for pat, s in cols]]
     for m in dict.fromkeys(_row_label(pt) for pt in points):
         cells = [by.get((m, pat, s)) for pat, s in cols]
-        rows.append([m] + [f"{100 * pt['wer']:.1f}" if pt else "-" for pt in cells])
+        rows.append([m] + [f"{100 * pt[key]:.1f}" if pt and key in pt else "-" for pt in cells])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    dense = 100 * summary["dense"]["wer"]
-    lines = [
-        f"WER % on {summary['num_utterances']} utterances of {summary['model_id']}; "
-        f"dense model: {dense:.2f}%"
+    return [header] + ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+
+
+def extra_splits(summary: dict) -> list[str]:
+    """Names of the extra evaluation splits a sweep scored (``wer_<name>`` on the dense point)."""
+    return [
+        k.removeprefix("num_utterances_")
+        for k in summary["dense"]
+        if k.startswith("num_utterances_")
     ]
-    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+
+
+def format_table(summary: dict) -> str:
+    """Plain-text tables of WER %: the evaluation split, then each extra split."""
+    d = summary["dense"]
+    lines = _grid_lines(
+        summary,
+        "wer",
+        f"WER % on {summary['num_utterances']} utterances of {summary['model_id']}; "
+        f"dense model: {100 * d['wer']:.2f}%",
+    )
+    for name in extra_splits(summary):
+        lines += [""] + _grid_lines(
+            summary,
+            f"wer_{name}",
+            f"WER % on split '{name}' ({d[f'num_utterances_{name}']} utterances); "
+            f"dense model: {100 * d[f'wer_{name}']:.2f}%",
+        )
     if any(pt.get("quant", "none") != "none" for pt in summary["points"]):
         lines += ["", "checkpoint size (weights file) and WER:"]
         lines.append(f"{'point':>28}  {'WER %':>6}  {'MB':>6}  {'bits/w':>6}")
