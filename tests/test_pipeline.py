@@ -124,7 +124,7 @@ def test_dvc_repro_writes_metrics(repro):
     fp = {(p["method"], p["quant"]): p for p in frontier["points"]}
     assert set(fp) == {("magnitude", "none"), ("dense", "int8"), ("magnitude", "int8")}
     assert fp[("magnitude", "int8")]["model_bytes"] < fp[("magnitude", "none")]["model_bytes"]
-    assert fp[("dense", "int8")]["model_bytes"] < frontier["dense"]["model_bytes"] / 3
+    assert fp[("dense", "int8")]["model_bytes"] < frontier["dense"]["model_bytes"] / 2
     assert (root / "metrics/frontier/size_wer.png").stat().st_size > 10_000
 
 
