@@ -47,3 +47,10 @@ def test_bad_folder_is_one_error_line_exit_2(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "error: data source" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_export_to_ctranslate2(tmp_path):
+    proc = run("export", "--model", "bundled:tiny.en", "--out", str(tmp_path / "ct2"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "ct2" / "model.bin").is_file() and "int8" in proc.stdout
+    assert (tmp_path / "ct2" / "model.bin").stat().st_size < 60e6  # int8: well under fp32's 151 MB

@@ -30,6 +30,7 @@ def test_quantized_points_are_smaller_and_keep_the_zeros(tmp_path, monkeypatch):
             "sweep.sparsities": [0.5],
             "sweep.patterns": [],
             "sweep.quant": ["none", "int4-g128"],
+            "sweep.extra_splits": True,
             "data.extra_evaluation": [
                 {"name": "again", "source": "embedded", "split": "evaluation", "max_samples": 2}
             ],

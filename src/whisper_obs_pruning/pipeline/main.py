@@ -2,6 +2,7 @@
 
     whisper-obs evaluate --model DIR_OR_HUB_ID --data FOLDER [--split S] [--limit N]
     whisper-obs calibrate|prune|sweep [--params params.yaml]
+    whisper-obs export --model DIR --out DIR [--quantization int8]   (CTranslate2 / faster-whisper)
     whisper-obs report [--metrics metrics]
 
 Every user-facing failure prints one ``error:`` line and exits 2 (see ``cli.error_line``).
@@ -79,6 +80,17 @@ def _stage(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from ..whisper.ct2_export import export_ct2
+    from ..whisper.loading import resolve_model_dir
+
+    src = resolve_model_dir(args.model)  # a model dir, bundled:tiny.en, or a hub id
+    out = export_ct2(src, args.out, args.quantization)
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    print(f"CTranslate2 / faster-whisper model ({args.quantization}): {out} ({size / 1e6:.1f} MB)")
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from .report import main as report_main
 
@@ -110,6 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--hessians", default="artifacts/hessians")
         sp.add_argument("--out", default=None)
         sp.set_defaults(func=_stage)
+    xp = sub.add_parser("export", help="convert to CTranslate2 / faster-whisper")
+    xp.add_argument("--model", required=True, help="model dir (e.g. artifacts/pruned/model)")
+    xp.add_argument("--out", required=True)
+    xp.add_argument("--quantization", default="int8", help="float32 | int8 | int8_float32 | ...")
+    xp.set_defaults(func=_export)
     rp = sub.add_parser("report", help="print the sweep table and where the results are")
     rp.add_argument("--metrics", default="metrics")
     rp.set_defaults(func=_report)

@@ -123,7 +123,9 @@ def _config_key(p: Params, manifest: dict, utterances, model_fp: str) -> str:
         "model_fingerprint": model_fp,
         "model": p.model.model_dump(),
         "data": p.data.evaluation.model_dump(),
-        "extra_data": [x.model_dump() for x in p.data.extra_evaluation],
+        "extra_data": [x.model_dump() for x in p.data.extra_evaluation]
+        if p.sweep.extra_splits
+        else [],
         "evaluate": p.evaluate.model_dump(),
         "prune": p.prune.model_dump(exclude={"method", "sparsity", "pattern"}),
         "quant": p.quant.model_dump(),
@@ -168,7 +170,10 @@ def run_sweep(
     n_params = sum(t.numel() for t in {id(t): t for t in model.parameters()}.values())
     dense_bytes = 4 * n_params  # the float32 checkpoint's weights
     data = load_split(p.data.evaluation, "evaluation")
-    extras = {x.name: load_split(x, x.name) for x in p.data.extra_evaluation}
+    extras = {
+        x.name: load_split(x, x.name)
+        for x in (p.data.extra_evaluation if p.sweep.extra_splits else [])
+    }
     state = _load_state(
         state_dir,
         _config_key(

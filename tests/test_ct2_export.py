@@ -1,0 +1,39 @@
+"""Export to CTranslate2 / faster-whisper: the float32 export decodes like our PyTorch model."""
+
+from __future__ import annotations
+
+import pytest
+
+ctranslate2 = pytest.importorskip("ctranslate2")
+
+from whisper_obs_pruning.whisper.ct2_export import CT2ExportError, ct2_generate, export_ct2  # noqa: E402
+from whisper_obs_pruning.whisper.decoding import (  # noqa: E402
+    default_token_cap,
+    log_mel_features,
+    transcribe_tokens,
+)
+from whisper_obs_pruning.whisper.prompt import decoder_prompt_ids  # noqa: E402
+
+
+def test_float32_export_transcribes_token_for_token_like_pytorch(tiny, eval_utts, tmp_path):
+    model, processor = tiny
+    hf = tmp_path / "hf"
+    model.save_pretrained(hf)
+    processor.save_pretrained(hf)
+    out = export_ct2(hf, tmp_path / "ct2", "float32")
+    assert (out / "model.bin").is_file() and (out / "tokenizer.json").is_file()
+    audios = [u.audio for u in eval_utts[:4]]
+    ours = transcribe_tokens(model, processor, audios, batch_size=4, progress=False)
+    prompt = decoder_prompt_ids(model, processor)
+    caps = [default_token_cap(len(a) / 16000, len(prompt), 448) for a in audios]
+    feats = log_mel_features(processor, audios).numpy()
+    theirs = ct2_generate(out, feats, prompt, caps, eot=model.generation_config.eos_token_id)
+    assert theirs == ours
+
+
+def test_bad_quantization_and_non_model_dirs_are_refused(tmp_path):
+    with pytest.raises(CT2ExportError, match="int3"):
+        export_ct2(tmp_path, tmp_path / "o", "int3")
+    with pytest.raises(CT2ExportError, match="no config.json"):
+        export_ct2(tmp_path, tmp_path / "o", "int8")
+    assert not (tmp_path / "o").exists()
