@@ -38,3 +38,38 @@ def test_checkpoint_that_does_not_match_its_config_is_refused(tiny, tmp_path, da
     save_file(state, str(f), metadata={"format": "pt"})
     with pytest.raises(ModelLoadError, match="does not match its config"):
         load_whisper(str(d))
+
+
+def test_evaluate_refuses_missing_broken_report_and_changed_weights(tiny, tmp_path):
+    """Issue 16: a missing/non-JSON report.json gave tracebacks; flipped bytes in the saved
+    model were loaded and scored. Both are refused before anything is transcribed."""
+    import json
+
+    from whisper_obs_pruning.atomic import sha256_file
+    from whisper_obs_pruning.errors import WhisperObsError
+    from whisper_obs_pruning.pipeline.evaluate import evaluate
+    from whisper_obs_pruning.pipeline.params import Params
+
+    p = Params().updated({"model.device": "cpu", "data.evaluation.max_samples": 1})
+    d = tmp_path / "pruned"
+    tiny[0].save_pretrained(d / "model")
+    tiny[1].save_pretrained(d / "model")
+    with pytest.raises(WhisperObsError, match="report.json is missing"):
+        evaluate(p, d, progress=False)
+    (d / "report.json").write_text("{not json")
+    with pytest.raises(WhisperObsError, match="not a valid prune report"):
+        evaluate(p, d, progress=False)
+    weights = d / "model" / "model.safetensors"
+    summary = {
+        "method": "obs",
+        "pattern": "unstructured",
+        "target_sparsity": 0.5,
+        "prune_seconds": 1.0,
+        "model_sha256": {"model.safetensors": sha256_file(weights)},
+    }
+    (d / "report.json").write_text(json.dumps({"summary": summary}))
+    data = bytearray(weights.read_bytes())
+    data[-1000] ^= 0x40  # one flipped bit inside a weight
+    weights.write_bytes(bytes(data))
+    with pytest.raises(WhisperObsError, match="changed since prune wrote it"):
+        evaluate(p, d, progress=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..atomic import sha256_file
 from ..hessians.store import ArtifactError
 from ..pruning.targets import weight_sparsity
 from ..speech.scoring import evaluate_model
@@ -44,11 +45,22 @@ def read_report(model_dir: Path) -> dict:
         raise ArtifactError(f"{path} is not a valid prune report ({exc!r}); re-run prune") from None
 
 
+def verify_model_files(model_dir: Path, report: dict) -> None:
+    """The files ``prune`` wrote, byte for byte (sha256): a flipped bit is refused, not scored."""
+    for name, digest in report.get("model_sha256", {}).items():
+        f = model_dir / "model" / name
+        if not f.is_file():
+            raise ArtifactError(f"{f} is missing (written by prune); re-run prune")
+        if sha256_file(f) != digest:
+            raise ArtifactError(f"{f} changed since prune wrote it (sha256 mismatch); re-run prune")
+
+
 def evaluate(p: Params, model_dir: str | Path, *, progress: bool = True) -> tuple[dict, list]:
     """WER/CER of the pruned model saved by ``prune`` on the evaluation split."""
     seed_everything(p.seed)
     model_dir = Path(model_dir)
     report = read_report(model_dir)
+    verify_model_files(model_dir, report)
     model, processor = load_whisper(str(model_dir / "model"), device=p.model.device)
     data = load_split(p.data.evaluation, "evaluation")
     targets = targets_for(model, p)

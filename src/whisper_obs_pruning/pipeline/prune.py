@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..atomic import atomic_directory, save_tensors_atomic, write_json_atomic
+from ..atomic import atomic_directory, save_tensors_atomic, sha256_file, write_json_atomic
 from ..hessians.store import open_hessians
 from ..methods import get_method, pattern_name
 from ..pruning.allocation import HESSIAN_ALLOCATIONS
@@ -82,6 +82,10 @@ def prune(
         summary.update(
             {k: sizes[k] for k in ("dense_weights_bytes", "sparse_weights_bytes", "weights_ratio")}
         )
+        # checksums of what was written: evaluate refuses a model directory that changed since
+        summary["model_sha256"] = {
+            f.name: sha256_file(f) for f in sorted((tmp / "model").iterdir()) if f.is_file()
+        }
         masks = {n: _packbits(modules[n].weight.data == 0) for n in targets}
         save_tensors_atomic(tmp / "masks.safetensors", masks, {"format": "packbits, row-major"})
         write_json_atomic(tmp / "report.json", {"summary": summary, "layers": report})
