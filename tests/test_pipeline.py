@@ -18,7 +18,13 @@ BIN = Path(sys.executable).parent
 
 SMALL = {
     "model": {"device": "cpu"},
-    "data": {"calibration": {"max_samples": 6}, "evaluation": {"max_samples": 8}},
+    "data": {
+        "calibration": {"max_samples": 6},
+        "evaluation": {"max_samples": 8},
+        "extra_evaluation": [
+            {"name": "real", "source": "embedded", "split": "real/evaluation", "max_samples": 4}
+        ],
+    },
     "prune": {"method": "sparsegpt", "sparsity": 0.5},
     "sweep": {"methods": ["magnitude", "sparsegpt"], "sparsities": [0.5], "patterns": ["2:4"]},
     "frontier": {
@@ -126,6 +132,8 @@ def test_dvc_repro_writes_metrics(repro):
     assert fp[("magnitude", "int8")]["model_bytes"] < fp[("magnitude", "none")]["model_bytes"]
     assert fp[("dense", "int8")]["model_bytes"] < frontier["dense"]["model_bytes"] / 2
     assert (root / "metrics/frontier/size_wer.png").stat().st_size > 10_000
+    for pt in frontier["points"]:  # every frontier point scored on the real-speech split too
+        assert pt["num_utterances_real"] == 4 and pt["wer_real"] >= 0
 
 
 def test_mlflow_runs_nested(repro):

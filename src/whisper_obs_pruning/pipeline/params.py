@@ -224,7 +224,9 @@ class NamedSplitSpec(SplitSpec):
 class DataSpec(_Spec):
     calibration: SplitSpec = SplitSpec(split="calibration")
     evaluation: SplitSpec = SplitSpec(split="evaluation")
-    extra_evaluation: list[NamedSplitSpec] = []
+    extra_evaluation: list[NamedSplitSpec] = [
+        NamedSplitSpec(name="real", source="embedded", split="real/evaluation")
+    ]
 
 
 class CalibrateSpec(_Spec):
@@ -349,6 +351,7 @@ class SweepSpec(_Spec):
         "2:4"
     ]
     quant: Annotated[list[Annotated[str, BeforeValidator(_scheme)]], Field(min_length=1)] = ["none"]
+    extra_splits: bool = False  # also score every point on data.extra_evaluation
 
 
 class MlflowSpec(_Spec):
@@ -373,6 +376,7 @@ class Params(_Spec):
         sparsities=[0.5],
         patterns=[],
         quant=["none", "int8", "int4-g128"],
+        extra_splits=True,
     )
     quant: QuantSection = QuantSection()
     mlflow: MlflowSpec = MlflowSpec()
