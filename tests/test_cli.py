@@ -54,3 +54,26 @@ def test_export_to_ctranslate2(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "ct2" / "model.bin").is_file() and "int8" in proc.stdout
     assert (tmp_path / "ct2" / "model.bin").stat().st_size < 60e6  # int8: well under fp32's 151 MB
+
+
+def test_shrink_gives_a_smaller_model_that_loads_with_from_pretrained(tmp_path):
+    from transformers import WhisperForConditionalGeneration
+
+    out = tmp_path / "small"
+    proc = run(
+        "shrink",
+        "--method",
+        "magnitude",
+        "--encoder-ffn",
+        "0.25",
+        "--decoder-ffn",
+        "0.5",
+        "--out",
+        str(out),
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    model = WhisperForConditionalGeneration.from_pretrained(out)
+    assert model.config.encoder_ffn_dim == 1152 and model.config.decoder_ffn_dim == 768
+    assert model.model.encoder.layers[0].fc1.weight.shape == (1152, 384)
+    bad = run("shrink", "--encoder-ffn", "1.0", "--out", str(tmp_path / "none"))
+    assert bad.returncode == 2 and "error:" in bad.stderr and not (tmp_path / "none").exists()

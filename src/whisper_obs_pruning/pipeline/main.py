@@ -3,6 +3,7 @@
     whisper-obs evaluate --model DIR_OR_HUB_ID --data FOLDER [--split S] [--limit N]
     whisper-obs calibrate|prune|sweep [--params params.yaml]
     whisper-obs export --model DIR --out DIR [--quantization int8]   (CTranslate2 / faster-whisper)
+    whisper-obs shrink --out DIR [--encoder-ffn 0.5 --decoder-ffn 0.5 --method obs]  (structured)
     whisper-obs report [--metrics metrics]
 
 Every user-facing failure prints one ``error:`` line and exits 2 (see ``cli.error_line``).
@@ -91,6 +92,33 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shrink(args: argparse.Namespace) -> int:
+    from ..structured import prune_ffn_model, save_structured
+    from ..whisper.loading import load_whisper
+
+    model, processor = load_whisper(args.model, device="cpu")
+    n_before = sum(p.numel() for p in model.parameters())
+    info = prune_ffn_model(
+        model,
+        args.encoder_ffn,
+        args.decoder_ffn,
+        None if args.method == "magnitude" else args.hessians,
+        method=args.method,
+        rel_damp=args.rel_damp,
+    )
+    out = save_structured(model, processor, args.out)
+    n_after = sum(p.numel() for p in model.parameters())
+    print(
+        f"{out}: {n_before / 1e6:.1f}M -> {n_after / 1e6:.1f}M parameters "
+        f"(encoder_ffn_dim {model.config.encoder_ffn_dim}, decoder_ffn_dim "
+        f"{model.config.decoder_ffn_dim}); loads with WhisperForConditionalGeneration."
+        "from_pretrained"
+    )
+    if args.json:
+        print(json.dumps({k: v for k, v in info.items() if isinstance(v, (int, float, str))}))
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from .report import main as report_main
 
@@ -127,6 +155,18 @@ def build_parser() -> argparse.ArgumentParser:
     xp.add_argument("--out", required=True)
     xp.add_argument("--quantization", default="int8", help="float32 | int8 | int8_float32 | ...")
     xp.set_defaults(func=_export)
+    sp = sub.add_parser("shrink", help="structured OBS: remove FFN neurons -> smaller dense model")
+    sp.add_argument("--model", default="bundled:tiny.en")
+    sp.add_argument("--hessians", default="artifacts/hessians", help="from `dvc repro calibrate`")
+    sp.add_argument(
+        "--encoder-ffn", type=float, default=0.5, help="fraction of FFN neurons removed"
+    )
+    sp.add_argument("--decoder-ffn", type=float, default=0.5)
+    sp.add_argument("--method", default="obs", choices=("obs", "diagonal", "magnitude"))
+    sp.add_argument("--rel-damp", type=float, default=0.01)
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=_shrink)
     rp = sub.add_parser("report", help="print the sweep table and where the results are")
     rp.add_argument("--metrics", default="metrics")
     rp.set_defaults(func=_report)
