@@ -77,26 +77,24 @@ def _optional_positive_int(value: object) -> int | None:
     return value
 
 
-def _non_negative(value: object) -> float:
+def _finite_non_negative(value: object, message: str) -> float:
     try:
         v = _number(value)
     except TypeError:
         v = -1.0
     if not (0 <= v < math.inf):
-        raise _bad("must be a finite number >= 0", value)
+        raise _bad(message, value)
     return v
+
+
+def _non_negative(value: object) -> float:
+    return _finite_non_negative(value, "must be a finite number >= 0")
 
 
 def _max_mb(value: object) -> float | None:
     if value is None:
         return None
-    try:
-        v = _number(value)
-    except TypeError:
-        v = -1.0
-    if not (0 <= v < math.inf):
-        raise _bad("must be a number >= 0 (MiB) or null (no limit)", value)
-    return v
+    return _finite_non_negative(value, "must be a number >= 0 (MiB) or null (no limit)")
 
 
 def _registry() -> dict:
