@@ -96,3 +96,15 @@ def test_jsonl_rows_that_are_not_objects_are_refused_naming_the_line(tmp_path):
 def test_float_audio_far_out_of_range_names_the_clip():
     with pytest.raises(AudioError, match=r"clip7: sample amplitude 3e\+29"):
         to_mono_16k(tone(0.5) * 1e30, 16000, name="clip7")
+
+
+def test_extra_columns_do_not_change_the_transcript_column(tmp_path):
+    """The documented rule: the first of transcription, text, sentence, normalized_text."""
+    d = folder_with(
+        tmp_path,
+        "notes,file_name,speaker,text,transcription,sentence\n"
+        "n1,a.wav,x,WRONG text,the right one,WRONG sentence\n",
+        {"a.wav": 1.0},
+    )
+    (u,) = load_utterances(str(d)).utterances
+    assert u.text == "the right one" and u.meta["notes"] == "n1" and u.meta["text"] == "WRONG text"

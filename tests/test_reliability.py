@@ -577,3 +577,43 @@ def test_sigterm_during_multipass_calibration_leaves_nothing_behind(tmp_path):
     assert sorted(p.name for p in out.parent.iterdir()) == ["hessians"]
     assert (out / "manifest.json").read_text() == "{}"
     assert [p.name for p in tmpdir.iterdir() if p.name.startswith("whisper-obs")] == []
+
+
+def test_oserror_is_reported_as_one_line_with_the_path():
+    """The CLI's OSError line (full disk, read-only folder) names the path, never a traceback."""
+    import errno
+
+    from whisper_obs_pruning.pipeline.cli import error_line
+
+    exc = OSError(errno.ENOSPC, "No space left on device", "/data/artifacts/hessians/000.st")
+    line = error_line("calibrate", exc)
+    assert line == "[calibrate] error: No space left on device (/data/artifacts/hessians/000.st)"
+
+
+def test_unusable_tracking_store_fails_the_stage_before_its_work(tmp_path):
+    """Issue 16: a garbage mlflow.db failed calibrate only after its work was done."""
+    params = write_params(tmp_path, {"data.calibration.max_samples": 1, "model.device": "cpu"})
+    db = tmp_path / "garbage.db"
+    db.write_bytes(b"this is not a sqlite database" * 100)
+    env_uri = f"sqlite:///{db}"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "stages/calibrate.py"),
+            "--params",
+            str(params),
+            "--no-progress",
+            "--out",
+            str(tmp_path / "h"),
+            "--metrics",
+            str(tmp_path / "m.json"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "MLFLOW_TRACKING_URI": env_uri},
+        timeout=600,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "cannot use MLflow store" in proc.stderr
+    assert not (tmp_path / "h").exists()  # nothing was calibrated

@@ -39,6 +39,7 @@ from float64 (on Whisper tiny at 50%: 10 of 33792 rows). ``dtype=torch.float64``
 from __future__ import annotations
 
 import math
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -184,6 +185,8 @@ def _solve_weights(
 
     def _solve_batches(todo: list[torch.Tensor]) -> None:
         for idx in todo:
+            if _CANCEL.is_set():
+                raise _Cancelled
             kc = nkeep[idx]
             m = int(kc.max())
             if m == 0:
@@ -205,11 +208,7 @@ def _solve_weights(
             Wout[idx] = out
 
     with single_thread():
-        if workers == 1:
-            run(0)
-        else:
-            with ThreadPoolExecutor(workers) as pool:
-                list(pool.map(run, range(workers)))
+        _run_workers(run, workers)
     return Wout.to(W.dtype)
 
 
@@ -453,13 +452,36 @@ def _greedy(
                 )
 
     with single_thread():  # set once here: each worker's ops then run on one core
-        if workers == 1:
-            run(0)
-        else:  # torch releases the GIL inside ops, so the threads use separate cores
-            with ThreadPoolExecutor(workers) as pool:
-                list(pool.map(run, range(workers)))
+        _run_workers(run, workers)
     Wout[mask] = 0
     return Wout, mask, losses, pivots
+
+
+_CANCEL = threading.Event()  # set when the caller is interrupted: workers stop at their next step
+
+
+class _Cancelled(Exception):
+    """Raised inside a worker thread once the caller has been interrupted."""
+
+
+def _run_workers(run, workers: int) -> None:
+    """``run(0..workers-1)``, in threads when ``workers > 1`` (torch releases the GIL inside
+    ops, so the threads use separate cores). Ctrl-C (or any error) in the caller stops the
+    workers at their next step instead of letting them finish their batches (was ~26 s)."""
+    if workers == 1:
+        run(0)
+        return
+    try:
+        with ThreadPoolExecutor(workers) as pool:  # its exit waits for every worker
+            futures = [pool.submit(run, i) for i in range(workers)]
+            try:
+                for f in futures:
+                    f.result()
+            except BaseException:
+                _CANCEL.set()
+                raise
+    finally:
+        _CANCEL.clear()
 
 
 def _obs_rows(
@@ -506,6 +528,8 @@ def _obs_rows(
     best, q = torch.empty(B, dtype=w.dtype), torch.empty(B, dtype=torch.long)
     t0 = 0
     for t in range(steps):
+        if _CANCEL.is_set():
+            raise _Cancelled
         torch.div(D, torch.mul(w, w, out=gain), out=gain)  # -inf excludes; w = 0 gives +inf
         torch.max(gain, dim=1, out=(best, q))
         q1 = q.unsqueeze(1)
