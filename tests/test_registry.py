@@ -74,6 +74,7 @@ def test_a_registered_method_is_known_everywhere(toy):
             "calibrate.hessian": "diagonal",
             "prune.method": "toy_wanda",
             "sweep.methods": ["toy_wanda"],
+            "frontier.methods": ["toy_wanda"],
         }
     )
     with pytest.raises(PruningError, match="already registered"):

@@ -298,7 +298,7 @@ class PruneSpec(_Spec):
         if not _registry()[self.method].supports(self.pattern_tuple):
             raise PydanticCustomError(
                 "whisper_obs",
-                "method {m!r} does not support pattern {p}",
+                "method '{m}' does not support pattern {p}",
                 {"m": self.method, "p": self.pattern},
             )
         return self
@@ -386,14 +386,14 @@ class Params(_Spec):
         if _registry()[self.prune.method].needs_full_hessian:
             raise PydanticCustomError(
                 "whisper_obs",
-                "prune.method = {m!r} needs calibrate.hessian = 'full' (it is 'diagonal')",
+                "prune.method = '{m}' needs calibrate.hessian = 'full' (it is 'diagonal')",
                 {"m": self.prune.method},
             )
         for m in [*self.sweep.methods, *self.frontier.methods]:
             if _registry()[m].needs_full_hessian:
                 raise PydanticCustomError(
                     "whisper_obs",
-                    "sweep.methods has {m!r}, which needs calibrate.hessian = 'full'",
+                    "sweep.methods has '{m}', which needs calibrate.hessian = 'full'",
                     {"m": m},
                 )
         return self

@@ -154,13 +154,13 @@ def _sparse_nbytes(fmt: str, n: int, size: int, nnz: int) -> int:
 
 
 def encode_tensor(
-    key: str, w: torch.Tensor, *, sparse: bool | None = None
+    key: str, w: torch.Tensor, *, sparse: bool | None = None, force: str | None = None
 ) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:
     """Encode one tensor: ``(format, tensors to store, metadata)``.
 
     ``sparse=None`` picks the smallest of dense / 2:4 / bitmask for 2-D floating tensors;
     ``True`` forces a sparse form (the smaller of 2:4, when it fits, and bitmask); ``False``
-    keeps it dense.
+    keeps it dense. ``force="2:4"`` / ``"bitmask"`` picks that sparse form (codec tests).
     """
     w = w.detach().contiguous().cpu()
     meta: dict[str, Any] = {
@@ -179,6 +179,10 @@ def encode_tensor(
             "bitmask", w.numel(), size, nnz
         ):
             cand = "2:4"  # only when it is the smaller of the two (not at very high sparsity)
+        if force is not None:
+            if force not in ("2:4", "bitmask") or (force == "2:4" and not _is_24(nz, nnz)):
+                raise SparseFormatError(f"{key}: cannot store it as {force!r}")
+            cand = force
         if (
             sparse
             or _sparse_nbytes(cand, w.numel(), w.element_size(), nnz) < w.numel() * w.element_size()
