@@ -19,6 +19,7 @@ def test_bad_scheme_names_the_key():
         Params().updated({"quant.method": "obq"})
 
 
+@pytest.mark.slow  # ~3 min; test_pipeline's frontier covers the same path on a smaller grid
 def test_quantized_points_are_smaller_and_keep_the_zeros(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     p = Params().updated(
