@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -31,7 +32,8 @@ from whisper_obs_pruning.whisper.loading import load_whisper
 from whisper_obs_pruning.whisper.prompt import decoder_prompt_ids
 
 DEFAULT_VARIANTS = [
-    # method:pattern:sparsity:rel_damp:padding:allocation:calibration clips[:seq]
+    # method:pattern:sparsity:rel_damp:padding:allocation:calibration clips[:seq][:grows]
+    # (seq: sequential calibration; grows: exact OBS with OBC's global row selection)
     "sparsegpt:unstructured:0.5:0.01:excl:uniform:96",
     "sparsegpt:unstructured:0.5:0.05:excl:uniform:96",
     "sparsegpt:unstructured:0.5:0.1:excl:uniform:96",
@@ -49,9 +51,9 @@ def parse_variant(text: str) -> dict:
     parts = text.split(":")
     if parts[1] != "unstructured":  # "2:4" contains a colon
         parts = [parts[0], f"{parts[1]}:{parts[2]}", *parts[3:]]
-    sequential = parts[-1] == "seq"
-    if sequential:
-        parts = parts[:-1]
+    flags = set()
+    while parts[-1] in ("seq", "grows"):  # trailing flags, in any order
+        flags.add(parts.pop())
     method, pattern, sparsity, damp, padding, allocation, clips = parts
     return {
         "method": method,
@@ -61,7 +63,8 @@ def parse_variant(text: str) -> dict:
         "padding": padding,
         "allocation": allocation,
         "clips": int(clips),
-        "sequential": sequential,
+        "sequential": "seq" in flags,
+        "obs_rows": "global" if "grows" in flags else "uniform",
         "name": text,
     }
 
@@ -72,6 +75,11 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--variants", nargs="*", default=DEFAULT_VARIANTS)
     ap.add_argument("--eval-limit", type=int, default=None)
+    ap.add_argument(
+        "--real", action="store_true", help="also score every row on the real-speech split"
+    )
+    ap.add_argument("--real-limit", type=int, default=None, help="first N real clips only")
+    ap.add_argument("--real-only", action="store_true", help="score on the real-speech split only")
     ap.add_argument("--out", default="metrics/bench/ablation.json")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -79,6 +87,20 @@ def main() -> None:
     model, processor = load_whisper(args.model, device=args.device)
     calib = load_utterances("embedded", "calibration").utterances
     evals = load_utterances("embedded", "evaluation", limit=args.eval_limit).utterances
+    real = load_utterances("embedded", "real/evaluation", limit=args.real_limit).utterances
+    real = real if args.real or args.real_only else []
+
+    def score() -> dict:
+        """WER/CER on the embedded split (and wer_real/cer_real on the real one)."""
+        out = {"wer": float("nan"), "cer": float("nan")}
+        if not args.real_only:
+            m, _ = evaluate_model(model, processor, evals, progress=False)
+            out = {"wer": m["wer"], "cer": m["cer"]}
+        if real:
+            r, _ = evaluate_model(model, processor, real, progress=False)
+            out |= {"wer_real": r["wer"], "cer_real": r["cer"]}
+        return out
+
     layers = linear_layers(model)
     targets = select_targets(list(layers))
     prompt = decoder_prompt_ids(model, processor)
@@ -99,8 +121,8 @@ def main() -> None:
         print(f"calibrated {key} in {time.perf_counter() - t0:.0f} s", flush=True)
     dense = {n: layers[n].weight.data.clone() for n in targets}
     rows = []
-    m, _ = evaluate_model(model, processor, evals, progress=False)
-    rows.append({"name": "dense", "wer": m["wer"], "cer": m["cer"], "prune_s": 0.0})
+    m = score()
+    rows.append({"name": "dense", **m, "prune_s": 0.0})
     print(f"dense: WER {100 * m['wer']:.2f}%", flush=True)
     for v in variants:
         for n in targets:
@@ -119,6 +141,7 @@ def main() -> None:
                 rel_damp=v["rel_damp"],
                 exclude_padding=v["padding"] == "excl",
                 progress=False,
+                obs_rows=v["obs_rows"],
             )
         else:
             prune_layers(
@@ -130,25 +153,27 @@ def main() -> None:
                 pattern=v["pattern"],
                 rel_damp=v["rel_damp"],
                 allocation=v["allocation"],
+                obs_rows=v["obs_rows"],
                 progress=False,
             )
         prune_s = time.perf_counter() - t0
-        m, _ = evaluate_model(model, processor, evals, progress=False)
-        rows.append(
-            {**copy.deepcopy(v), "wer": m["wer"], "cer": m["cer"], "prune_s": round(prune_s, 1)}
-        )
+        m = score()
+        rows.append({**copy.deepcopy(v), **m, "prune_s": round(prune_s, 1)})
+        real_text = f" real WER {100 * m['wer_real']:.2f}%" if real else ""
         print(
-            f"{v['name']}: WER {100 * m['wer']:.2f}% CER {100 * m['cer']:.2f}% "
+            f"{v['name']}: WER {100 * m['wer']:.2f}% CER {100 * m['cer']:.2f}%{real_text} "
             f"(prune {prune_s:.0f} s)",
             flush=True,
         )
-    dense_wer = rows[0]["wer"]
-    print("\n| variant | WER % | x dense | CER % | prune s |\n|---|---|---|---|---|")
+    dense_wer, dense_real = rows[0]["wer"], rows[0].get("wer_real")
+    head = "| variant | WER % | x dense | CER % |" + (" real WER % | x dense |" if real else "")
+    print(f"\n{head} prune s |\n" + "|---" * (head.count("|") - 0) + "|")
     for r in rows:
         ratio = f"{r['wer'] / dense_wer:.2f}" if dense_wer else "-"  # dense WER 0: tiny eval set
+        extra = f" {100 * r['wer_real']:.2f} | {r['wer_real'] / dense_real:.2f} |" if real else ""
         print(
             f"| {r['name']} | {100 * r['wer']:.2f} | {ratio} | "
-            f"{100 * r['cer']:.2f} | {r['prune_s']} |"
+            f"{100 * r['cer']:.2f} |{extra} {r['prune_s']} |"
         )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -158,6 +183,8 @@ def main() -> None:
                 "command": " ".join(sys.argv),
                 "model": args.model,
                 "num_eval": len(evals),
+                "num_eval_real": len(real),
+                "loadavg_end": list(os.getloadavg()),
                 "rows": rows,
             },
             indent=2,

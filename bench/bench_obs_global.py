@@ -117,7 +117,7 @@ def part_wer(args, hdir, manifest, start: dict, command: str) -> list[dict]:
     from whisper_obs_pruning.speech.datasets import load_utterances
     from whisper_obs_pruning.speech.scoring import evaluate_model
 
-    utts = load_utterances("embedded", "evaluation")
+    utts = load_utterances("embedded", "evaluation").utterances
     results = []
     for cfg in args.configs:
         rows, sparsity, *rest = cfg.split(":")

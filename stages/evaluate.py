@@ -1,4 +1,5 @@
-"""DVC stage: WER/CER of the pruned model on the evaluation split -> metrics/eval.json."""
+"""DVC stage: WER/CER of the pruned model on the evaluation split -> metrics/eval.json
+(everything, with timings) and metrics/eval_scores.json (the scores DVC compares)."""
 
 import sys
 from pathlib import Path
@@ -7,7 +8,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # this che
 from whisper_obs_pruning.atomic import write_json_atomic
 from whisper_obs_pruning.pipeline.cli import stage_main
 from whisper_obs_pruning.pipeline.common import check_tracking, log_stage
-from whisper_obs_pruning.pipeline.evaluate import evaluate
+from whisper_obs_pruning.pipeline.evaluate import evaluate, scores_only
 from whisper_obs_pruning.pipeline.params import Params
 from whisper_obs_pruning.speech.scoring import write_rows_csv
 
@@ -18,6 +19,7 @@ def main(params: Params, args) -> None:
     metrics, rows = evaluate(params, args.model, progress=not args.no_progress)
     write_rows_csv(args.utterances, rows)
     write_json_atomic(args.metrics, metrics)
+    write_json_atomic(args.scores, scores_only(metrics))
     log_stage(params, "evaluate", metrics, [args.metrics, args.utterances])
     print(
         f"[evaluate] WER {100 * metrics['wer']:.2f}%  CER {100 * metrics['cer']:.2f}%  "
@@ -33,5 +35,6 @@ if __name__ == "__main__":
             ap.add_argument("--model", default="artifacts/pruned"),
             ap.add_argument("--metrics", default="metrics/eval.json"),
             ap.add_argument("--utterances", default="metrics/eval_utterances.csv"),
+            ap.add_argument("--scores", default="metrics/eval_scores.json"),
         ),
     )

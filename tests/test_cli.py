@@ -75,5 +75,8 @@ def test_shrink_gives_a_smaller_model_that_loads_with_from_pretrained(tmp_path):
     model = WhisperForConditionalGeneration.from_pretrained(out)
     assert model.config.encoder_ffn_dim == 1152 and model.config.decoder_ffn_dim == 768
     assert model.model.encoder.layers[0].fc1.weight.shape == (1152, 384)
+    card = (out / "README.md").read_text()  # the model card travels with the folder
+    assert "base_model: openai/whisper-tiny.en" in card and "1152 / 768" in card
+    assert "whisper-obs shrink --method magnitude" in card
     bad = run("shrink", "--encoder-ffn", "1.0", "--out", str(tmp_path / "none"))
     assert bad.returncode == 2 and "error:" in bad.stderr and not (tmp_path / "none").exists()

@@ -87,7 +87,7 @@ def repro(repo_copy):
 
 
 def test_dvc_repro_writes_metrics(repro):
-    root, _, out = repro
+    root, env, out = repro
     ev = json.loads((root / "metrics/eval.json").read_text())
     for key in ("wer", "cer", "sparsity", "method", "target_sparsity", "num_utterances"):
         assert key in ev
@@ -119,11 +119,28 @@ def test_dvc_repro_writes_metrics(repro):
     assert len(csv_lines) == 1 + 1 + 4
     assert (root / "metrics/sparsity_wer.png").stat().st_size > 10_000
     assert "dense model" in out  # the sweep prints its table
+    # what DVC shows: scores per method and point as nested scalars, curves one column each
+    wer = json.loads((root / "metrics/sweep_wer.json").read_text())
+    assert set(wer) == {"dense", "magnitude", "sparsegpt"}
+    assert set(wer["magnitude"]) == {"50", "2:4"}
+    assert wer["sparsegpt"]["50"]["wer"] == pytest.approx(
+        pts[("sparsegpt", "unstructured")]["wer"], abs=1e-6
+    )
+    curves = (root / "metrics/sweep_curves.csv").read_text().splitlines()
+    assert curves[0] == "target_sparsity,magnitude,sparsegpt" and len(curves) == 3
+    assert curves[1] == f"0.0,{sweep['dense']['wer']:.6f},{sweep['dense']['wer']:.6f}"
+    shown = json.loads(sh(["dvc", "metrics", "show", "--json"], root, env))
+    flat = json.dumps(shown)
+    assert '"sweep_wer.json"' in flat.replace("metrics/", "") and "transcribe_seconds" not in flat
     manifest = json.loads((root / "artifacts/hessians/manifest.json").read_text())
     assert len(manifest["layers"]) == 65 and manifest["calibration"]["utterances"] == 6
     from transformers import WhisperForConditionalGeneration
 
     m = WhisperForConditionalGeneration.from_pretrained(root / "artifacts/pruned/model")
+    card = (root / "artifacts/pruned/model/README.md").read_text()
+    assert card.startswith("---\nbase_model: openai/whisper-tiny.en\n")
+    assert "| method | sparsegpt |" in card and "| utterances | 6 |" in card
+    assert "| measured sparsity of the pruned layers | 50.00% |" in card
     assert float((m.model.encoder.layers[0].fc1.weight == 0).float().mean()) == pytest.approx(0.5)
 
     frontier = json.loads((root / "metrics/frontier/sweep.json").read_text())
@@ -273,7 +290,7 @@ def test_queue_logs_to_one_tracking_server_and_pushes_to_a_remote(repro, tmp_pat
         run_queue(root, env_server)
         client = MlflowClient(uri)
         exp = client.get_experiment_by_name("whisper-obs")
-        runs = client.search_runs([exp.experiment_id], "attributes.run_name = 'evaluate'")
+        runs = client.search_runs([exp.experiment_id], "attributes.run_name LIKE 'evaluate%'")
         logged = {r.data.params.get("prune.sparsity") for r in runs if r.info.status == "FINISHED"}
         assert {"0.35", "0.45"} <= logged
         for r in runs:

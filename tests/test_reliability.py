@@ -617,3 +617,85 @@ def test_unusable_tracking_store_fails_the_stage_before_its_work(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "cannot use MLflow store" in proc.stderr
     assert not (tmp_path / "h").exists()  # nothing was calibrated
+
+
+def _read_only_folder(tmp_path: Path) -> Path:
+    """A folder this process cannot write: chmod for a normal user; as root (which ignores
+    permissions) a folder under sysfs, where even root cannot create files."""
+    if os.geteuid() != 0:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        (ro / "calibrate.json").write_text('{"old": true}')
+        ro.chmod(0o555)
+        return ro
+    ro = Path("/sys/whisper-obs-read-only")
+    try:
+        ro.mkdir()
+    except OSError:
+        return ro
+    ro.rmdir()
+    pytest.skip("no folder here refuses root's writes")
+
+
+def test_read_only_output_folder_fails_before_the_work(tmp_path):
+    """Issue 16: a read-only output folder surfaced as a raw OSError after the calibration."""
+    params = write_params(tmp_path, {"data.calibration.max_samples": 1, "model.device": "cpu"})
+    ro = _read_only_folder(tmp_path)
+    started = time.monotonic()
+    proc = run_stage(
+        "calibrate", params, "--out", str(tmp_path / "h"), "--metrics", str(ro / "calibrate.json")
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
+    assert len(lines) == 1 and "--metrics" in lines[0] and str(ro) in lines[0], lines
+    assert time.monotonic() - started < 60  # refused before loading the model and audio
+    assert not (tmp_path / "h").exists()  # no work was done
+    if os.geteuid() != 0:
+        assert (ro / "calibrate.json").read_text() == '{"old": true}'  # old output kept
+
+
+def test_check_writable_names_the_output_and_accepts_a_writable_one(tmp_path):
+    from whisper_obs_pruning.atomic import check_writable
+
+    check_writable({"--out": tmp_path / "new" / "deep" / "hessians"})
+    assert (tmp_path / "new" / "deep").is_dir()
+    assert list((tmp_path / "new" / "deep").iterdir()) == []  # the probe is removed
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OSError, match=r"cannot write the output --state"):
+        check_writable({"--state": blocker / "state"})
+
+
+def test_long_experiment_name_is_logged_and_read_back(tmp_path, monkeypatch):
+    """Issue 16: a 500-character experiment name failed the stage after its work; it now
+    works end to end against the sqlite store (and any failure would come before the work)."""
+    from whisper_obs_pruning.pipeline.tracking import setup
+
+    name = "e" * 500
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow = setup(name)
+    with mlflow.start_run(run_name="long") as run:
+        mlflow.log_metric("wer", 0.5)
+    got = mlflow.get_run(run.info.run_id)
+    assert mlflow.get_experiment(got.info.experiment_id).name == name
+    assert got.data.metrics["wer"] == 0.5
+
+
+def test_locked_tracking_store_fails_before_the_work(tmp_path, monkeypatch):
+    """Issue 16: a locked mlflow.db (another writer holding an exclusive transaction) fails the
+    tracking check, naming the store, instead of failing after the stage's work."""
+    import sqlite3
+
+    from whisper_obs_pruning.pipeline.tracking import setup
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    setup("first")  # a real store with MLflow's tables
+    holder = sqlite3.connect(tmp_path / "mlflow.db", isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(TrackingError, match="cannot use MLflow store"):
+            setup("second")
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()

@@ -187,3 +187,28 @@ def _recover_directory(target: Path) -> None:
     aside = sorted(target.parent.glob(f".{target.name}.old-*"))
     if aside:
         os.replace(aside[-1], target)
+
+
+def check_writable(targets: dict[str, str | Path]) -> None:
+    """Fail before a stage's work when one of its outputs cannot be written.
+
+    A read-only or missing-permission folder would otherwise surface only at the final atomic
+    rename, after minutes of calibration or pruning. Each output's folder is created and a
+    probe file is written and removed in it (and inside the output itself when it is a
+    folder that receives files). ``targets`` maps a name for the message to the path.
+    """
+    for name, target in targets.items():
+        target = Path(target)
+        folders = [target.parent] + ([target] if target.is_dir() else [])
+        for folder in folders:
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=folder)
+                os.close(fd)
+                os.unlink(probe)
+            except OSError as exc:
+                raise OSError(
+                    exc.errno,
+                    f"{exc.strerror or exc}: cannot write the output {name} {target}",
+                    str(folder),
+                ) from exc

@@ -12,6 +12,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 MAX_MESSAGE = 2000  # an error line never quotes an unbounded value
+OUTPUT_FLAGS = ("out", "metrics", "utterances", "state", "scores")  # the stage flags that name outputs
 
 
 def error_line(name: str, exc: BaseException) -> str:
@@ -48,6 +49,7 @@ def stage_main(
     tracking) or an ``OSError`` (a full disk, a read-only folder): one clear line instead of a
     traceback, and a non-zero exit so DVC marks the stage failed and keeps its old outputs.
     """
+    from ..atomic import check_writable
     from ..errors import WhisperObsError
     from .params import load_params
 
@@ -65,6 +67,7 @@ def stage_main(
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         params = load_params(args.params)
+        check_writable({f"--{k}": getattr(args, k) for k in OUTPUT_FLAGS if getattr(args, k, None)})
         body(params, args)
     except (WhisperObsError, OSError) as exc:
         print(error_line(name, exc), file=sys.stderr)

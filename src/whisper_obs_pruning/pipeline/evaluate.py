@@ -76,3 +76,10 @@ def evaluate(p: Params, model_dir: str | Path, *, progress: bool = True) -> tupl
         }
     )
     return metrics, rows
+
+
+def scores_only(metrics: dict) -> dict:
+    """The DVC metric of the stage: WER/CER (every split) and the measured sparsity, without
+    the counts and timings that would make ``dvc metrics diff`` report noise."""
+    keep = [k for k in metrics if k.startswith(("wer", "cer")) or k == "sparsity"]
+    return {k: metrics[k] for k in keep}

@@ -14,9 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 
-from .cli import error_line, exit_cleanly_on_sigterm
+from .cli import OUTPUT_FLAGS, error_line, exit_cleanly_on_sigterm
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -95,6 +96,7 @@ def _export(args: argparse.Namespace) -> int:
 def _shrink(args: argparse.Namespace) -> int:
     from ..structured import prune_ffn_model, save_structured
     from ..whisper.loading import load_whisper
+    from ..whisper.model_card import model_card
 
     model, processor = load_whisper(args.model, device="cpu")
     n_before = sum(p.numel() for p in model.parameters())
@@ -106,8 +108,26 @@ def _shrink(args: argparse.Namespace) -> int:
         method=args.method,
         rel_damp=args.rel_damp,
     )
-    out = save_structured(model, processor, args.out)
     n_after = sum(p.numel() for p in model.parameters())
+    card = model_card(
+        model_id=args.model,
+        title=f"{args.model} with {args.method}-pruned FFN neurons",
+        compression={
+            "method": f"structured {args.method} (whole FFN neurons, OBS weight update)",
+            "encoder FFN neurons removed": f"{100 * args.encoder_ffn:.0f}%",
+            "decoder FFN neurons removed": f"{100 * args.decoder_ffn:.0f}%",
+            "encoder_ffn_dim / decoder_ffn_dim": (
+                f"{model.config.encoder_ffn_dim} / {model.config.decoder_ffn_dim}"
+            ),
+            "parameters": f"{n_before / 1e6:.1f}M -> {n_after / 1e6:.1f}M",
+            "rel_damp": args.rel_damp,
+        },
+        calibration=None if args.method == "magnitude" else {"Hessian set": args.hessians},
+        evaluation=None,
+        command=shlex.join(["whisper-obs", *sys.argv[1:]]),
+        tags=("structured", args.method),
+    )
+    out = save_structured(model, processor, args.out, card=card)
     print(
         f"{out}: {n_before / 1e6:.1f}M -> {n_after / 1e6:.1f}M parameters "
         f"(encoder_ffn_dim {model.config.encoder_ffn_dim}, decoder_ffn_dim "
@@ -176,12 +196,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..atomic import check_writable
     from ..errors import WhisperObsError
 
     args = build_parser().parse_args(argv)
     exit_cleanly_on_sigterm()
     logging.basicConfig(level=logging.WARNING, format="[whisper-obs] %(levelname)s %(message)s")
     try:
+        if args.command != "report":  # the one command whose --metrics is an input
+            check_writable(
+                {f"--{k}": getattr(args, k) for k in OUTPUT_FLAGS if getattr(args, k, None)}
+            )  # a read-only destination fails now, not after the work
         return args.func(args)
     except (WhisperObsError, OSError) as exc:
         print(error_line(f"whisper-obs {args.command}", exc), file=sys.stderr)

@@ -16,6 +16,7 @@ from ..pruning.apply import prune_layers
 from ..pruning.sequential import prune_sequential
 from ..pruning.targets import check_pattern_fits, weight_sparsity
 from ..whisper.loading import load_whisper
+from ..whisper.model_card import model_card, write_model_card
 from ..whisper.prompt import decoder_prompt_ids
 from ..whisper.sparse_checkpoint import save_sparse, sparse_size_report
 from .common import fingerprint, load_split, seed_everything, targets_for
@@ -32,11 +33,19 @@ def prune(
     targets = targets_for(model, p)
     check_pattern_fits(model, targets, pr.pattern_tuple)
     t0 = time.perf_counter()
+    calibration: dict | None = None
     if pr.sequential:  # Hessians re-collected layer by layer through the pruned layers
+        cal = load_split(p.data.calibration, "calibration")
+        calibration = {
+            "source": p.data.calibration.source,
+            "split": p.data.calibration.split,
+            "utterances": len(cal.utterances),
+            "mode": "sequential (re-collected through the pruned layers)",
+        }
         report = prune_sequential(
             model,
             processor,
-            load_split(p.data.calibration, "calibration").utterances,
+            cal.utterances,
             targets,
             decoder_prompt_ids(model, processor, language=p.model.language),
             method=pr.method,
@@ -50,7 +59,8 @@ def prune(
     else:
         get_h = lambda name: None  # noqa: E731
         if get_method(pr.method).needs_hessian or pr.allocation in HESSIAN_ALLOCATIONS:
-            _, get_h = open_hessians(hessian_dir, model, targets, fingerprint(model))
+            manifest, get_h = open_hessians(hessian_dir, model, targets, fingerprint(model))
+            calibration = {**manifest.get("calibration", {}), "mode": "one-shot (cached Hessians)"}
         report = prune_layers(
             model,
             targets,
@@ -76,6 +86,7 @@ def prune(
     with atomic_directory(out_dir) as tmp:
         model.save_pretrained(tmp / "model")
         processor.save_pretrained(tmp / "model")
+        write_model_card(tmp / "model", _card(p, summary, calibration))
         # The same weights, compressed (values + bitmask, or 2:4 packed): smaller on disk.
         save_sparse(model, tmp / "sparse", targets=targets, processor=processor)
         sizes = sparse_size_report(tmp / "model", tmp / "sparse")
@@ -90,6 +101,37 @@ def prune(
         save_tensors_atomic(tmp / "masks.safetensors", masks, {"format": "packbits, row-major"})
         write_json_atomic(tmp / "report.json", {"summary": summary, "layers": report})
     return summary
+
+
+def _card(p: Params, summary: dict, calibration: dict | None) -> str:
+    """The pruned model's card: what was removed, from which calibration, how to redo it."""
+    pr = p.prune
+    compression = {
+        "method": pr.method,
+        "pattern": summary["pattern"],
+        "target sparsity": f"{100 * pr.target_sparsity:.1f}%",
+        "measured sparsity of the pruned layers": f"{100 * summary['sparsity']:.2f}%",
+        "pruned Linear layers": f"{summary['num_layers']} (kept dense: {pr.targets.exclude})",
+        "rel_damp": pr.rel_damp,
+        "allocation": pr.allocation,
+        "obs rows": pr.obs_rows if pr.method == "obs" else None,
+        "sequential": pr.sequential,
+        "prune seconds": summary["prune_seconds"],
+    }
+    sets = " ".join(
+        f"-S prune.{k}={v}" for k, v in (("method", pr.method), ("sparsity", pr.sparsity))
+    )
+    return model_card(
+        model_id=p.model.id,
+        title=f"{p.model.id} pruned with {pr.method} to {summary['pattern']} "
+        f"{100 * pr.target_sparsity:.0f}%",
+        compression=compression,
+        calibration=calibration,
+        evaluation=None,
+        command=f"dvc exp run {sets} -S prune.pattern={summary['pattern']}  # stage prune",
+        language=p.model.language,
+        tags=("pruned", "sparse", pr.method),
+    )
 
 
 def _packbits(mask: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,9 @@ from pathlib import Path
 
 from .sweep import format_table, load_summary
 
+# `dvc exp show` columns that make a readable table: WER per method and point, the prune knobs
+EXP_SHOW_KEEP = r"Experiment|wer|.*\.wer$|prune\.(method|sparsity|pattern)"
+
 
 def main(metrics_dir: str = "metrics") -> int:
     path = Path(metrics_dir) / "sweep.json"
@@ -33,7 +36,8 @@ def main(metrics_dir: str = "metrics") -> int:
         "MLflow:   make ui  ->  http://127.0.0.1:5000 (experiment 'whisper-obs', sweep run "
         f"{summary.get('mlflow_run_id', '?')[:8]} with one nested run per point)"
     )
-    print("DVC:      dvc metrics show; dvc exp run -S prune.sparsity=0.6; dvc exp show")
+    print("DVC:      dvc metrics show; dvc plots show; dvc exp run -S prune.sparsity=0.6; then")
+    print(f"          dvc exp show --drop '.*' --keep '{EXP_SHOW_KEEP}'")
     return 0
 
 

@@ -370,7 +370,7 @@ def _log_parent(mlflow, summary: dict, out_dir: Path) -> None:
             mlflow.log_metric(name, dense["wer"], step=0)
             names.add(name)
         mlflow.log_metric(name, pt["wer"], step=round(100 * pt["target_sparsity"]))
-    for f in ("sweep.json", "sweep.csv", "sparsity_wer.png", "size_wer.png"):
+    for f in ("sweep.json", "sweep.csv", "sweep_wer.json", "sparsity_wer.png", "size_wer.png"):
         mlflow.log_artifact(str(out_dir / f))
 
 
@@ -391,12 +391,60 @@ def write_outputs(summary: dict, out_dir: Path) -> None:
     for pt in summary["points"]:
         w.writerow(pt)
     write_text_atomic(out_dir / "sweep.csv", buf.getvalue())
+    write_json_atomic(out_dir / "sweep_wer.json", wer_by_method(summary))
+    write_text_atomic(out_dir / "sweep_curves.csv", curves_csv(summary))
     unquantized = [pt for pt in summary["points"] if pt.get("quant", "none") == "none"]
     plot_sparsity(
         {**summary, "points": [pt for pt in unquantized if pt["method"] != "dense"]},
         out_dir / "sparsity_wer.png",
     )
     plot_size(summary, out_dir / "size_wer.png")
+
+
+def _scores(pt: dict) -> dict:
+    """WER/CER of a point on every split, rounded: the numbers DVC compares, nothing else."""
+    keys = [k for k in pt if k.startswith(("wer", "cer")) and k != "wer_raw"]
+    return {k: round(float(pt[k]), 6) for k in keys if pt[k] is not None}
+
+
+def _column(pt: dict) -> str:
+    """``50`` for 50% unstructured, the pattern (``2:4``) otherwise."""
+    if pt["pattern"] == "unstructured":
+        return f"{100 * pt['target_sparsity']:g}"
+    return pt["pattern"]
+
+
+def wer_by_method(summary: dict) -> dict:
+    """``{"dense": {...}, "obs": {"50": {"wer", "cer", ...}, "2:4": {...}}, ...}``: the sweep's
+    scores as nested scalars, so ``dvc metrics show`` / ``dvc exp show`` give a column per
+    method and point (``sweep_wer.json:obs.50.wer``) and ``dvc metrics diff`` compares
+    scores only (timings and counters stay in sweep.json, which is not a metric)."""
+    out: dict = {"dense": _scores(summary["dense"])}
+    for pt in summary["points"]:
+        out.setdefault(_row_label(pt), {})[_column(pt)] = _scores(pt)
+    return out
+
+
+def curves_csv(summary: dict) -> str:
+    """WER per method (one column each) against target sparsity, unstructured and unquantized
+    points only, every curve starting at the dense model: the file DVC's plot colours by
+    column, i.e. by method (2:4 would sit on 50% and is in sweep_wer.json instead)."""
+    points = [
+        pt
+        for pt in summary["points"]
+        if pt["pattern"] == "unstructured" and pt.get("quant", "none") == "none"
+    ]
+    methods = list(dict.fromkeys(pt["method"] for pt in points if pt["method"] != "dense"))
+    rows = {0.0: dict.fromkeys(methods, summary["dense"]["wer"])}
+    for pt in points:
+        if pt["method"] in methods:
+            rows.setdefault(pt["target_sparsity"], {})[pt["method"]] = pt["wer"]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["target_sparsity", *methods])
+    for s in sorted(rows):
+        w.writerow([s, *(f"{rows[s][m]:.6f}" if m in rows[s] else "" for m in methods)])
+    return buf.getvalue()
 
 
 def _row_label(pt: dict) -> str:

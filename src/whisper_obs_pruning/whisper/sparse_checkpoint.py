@@ -43,6 +43,7 @@ from torch import nn
 
 from ..atomic import atomic_directory
 from ..errors import WhisperObsError
+from ..format_config import read_format_config
 
 if TYPE_CHECKING:
     from transformers import WhisperForConditionalGeneration, WhisperProcessor
@@ -415,25 +416,14 @@ def save_sparse(
 
 
 def _read_config(out_dir: Path) -> dict[str, Any]:
-    path = out_dir / CONFIG_NAME
-    if not path.is_file():
-        raise SparseFormatError(
-            f"{out_dir} is not a sparse model directory: {CONFIG_NAME} is missing"
-        )
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise SparseFormatError(f"{path}: unreadable or corrupt JSON: {exc}") from exc
-    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT_NAME:
-        raise SparseFormatError(f"{path}: not a {FORMAT_NAME} config")
-    if cfg.get("format_version") != FORMAT_VERSION:
-        raise SparseFormatError(
-            f"{path}: format_version {cfg.get('format_version')!r} is not supported "
-            f"(this code reads {FORMAT_VERSION})"
-        )
-    if not isinstance(cfg.get("tensors"), dict):
-        raise SparseFormatError(f"{path}: no tensor table")
-    return cfg
+    return read_format_config(
+        out_dir,
+        config_name=CONFIG_NAME,
+        format_name=FORMAT_NAME,
+        version=FORMAT_VERSION,
+        error=SparseFormatError,
+        what="sparse model directory",
+    )
 
 
 def _load_state(out_dir: Path, verify: bool) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
