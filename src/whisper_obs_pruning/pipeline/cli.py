@@ -12,7 +12,8 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 MAX_MESSAGE = 2000  # an error line never quotes an unbounded value
-OUTPUT_FLAGS = ("out", "metrics", "utterances", "state", "scores")  # the stage flags that name outputs
+# the stage flags that name outputs (checked writable before the work)
+OUTPUT_FLAGS = ("out", "metrics", "utterances", "state", "scores")
 
 
 def error_line(name: str, exc: BaseException) -> str:
