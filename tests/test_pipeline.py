@@ -213,10 +213,30 @@ def run_queue(root: Path, env: dict, workers: int = 2, timeout: float = 1500) ->
     return status
 
 
+def _commit_baseline(root: Path, env: dict) -> None:
+    """What a user does after `dvc repro`: commit dvc.lock and the metrics, so queued
+    experiments start from a pipeline that is up to date."""
+    sh(["git", "add", "-A"], root, env)
+    sh(["git", "commit", "-qm", "results", "--allow-empty"], root, env)
+
+
+def _runs(root: Path) -> dict[str, str]:
+    """run id -> run name, every run in the repository's store."""
+    db = sqlite3.connect(root / "mlflow.db")
+    try:
+        return dict(db.execute("SELECT run_uuid, name FROM runs").fetchall())
+    finally:
+        db.close()
+
+
 @pytest.mark.slow
 def test_two_queued_experiments_run_concurrently(repro):
-    """`dvc queue start -j 2`: both experiments finish and both log complete MLflow runs."""
+    """`dvc queue start -j 2` with two prune-only experiments: both finish, both log complete
+    runs to the repository's `mlflow.db`, and neither runs a sweep point (issue 11: the sweep's
+    state used to be a DVC output missing from the queue's copy, so each re-ran the sweep)."""
     root, env, _ = repro
+    _commit_baseline(root, env)
+    before = _runs(root)
     for s in ("0.3", "0.6"):
         sh(["dvc", "exp", "run", "--queue", "-S", f"prune.sparsity={s}"], root, env)
     status = run_queue(root, env)
@@ -228,8 +248,23 @@ def test_two_queued_experiments_run_concurrently(repro):
     ).fetchall()
     finished = {v for st, v in rows if st == "FINISHED"}
     assert {"0.3", "0.6"} <= finished
+    new = [n for i, n in _runs(root).items() if i not in before]
+    assert not [n for n in new if n in ("sweep", "frontier", "dense") or "@" in n], new
     # the queued runs logged to the repository's store, not to their temporary copies
     assert not list((root / ".dvc" / "tmp" / "exps").rglob("mlflow.db"))
+
+
+@pytest.mark.slow
+def test_queued_experiment_adding_a_sparsity_computes_only_the_new_points(repro):
+    """Issue 11: an experiment that changes `sweep.sparsities` runs only the new points; the
+    finished ones come from the sweep's memo in the repository (shared with the queue's copy)."""
+    root, env, _ = repro
+    _commit_baseline(root, env)
+    before = _runs(root)
+    sh(["dvc", "exp", "run", "--queue", "-S", "sweep.sparsities=[0.5,0.6]"], root, env)
+    run_queue(root, env, workers=1)
+    new = [n for i, n in _runs(root).items() if i not in before and "@" in n]
+    assert sorted(new) == ["magnitude@unstructured@0.6000", "sparsegpt@unstructured@0.6000"]
 
 
 def _free_port() -> int:

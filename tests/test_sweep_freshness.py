@@ -64,3 +64,26 @@ def test_edited_transcripts_are_rescored_not_reused(tmp_path, monkeypatch):
     edited = run_sweep(*args, progress=False)
     assert edited["dense"]["wer"] > first["dense"]["wer"] + 0.1
     assert edited["points"][0]["wer"] != pytest.approx(first["points"][0]["wer"])
+
+
+def test_memo_writes_merge_points_of_the_same_configuration(tmp_path):
+    """Two queued experiments share the sweep's memo: a write keeps the other's points of the
+    same configuration key, and a different key replaces the memo (its results are stale)."""
+    from whisper_obs_pruning.pipeline.sweep import _load_state, _save_state
+
+    a = _load_state(tmp_path, "k1")
+    b = _load_state(tmp_path, "k1")
+    a["points"]["obs@unstructured@0.5000"] = {"wer": 0.1}
+    _save_state(tmp_path, a)
+    b["points"]["obs@unstructured@0.6000"] = {"wer": 0.2}
+    _save_state(tmp_path, b)  # b never saw a's point
+    assert set(_load_state(tmp_path, "k1")["points"]) == {
+        "obs@unstructured@0.5000",
+        "obs@unstructured@0.6000",
+    }
+    c = _load_state(tmp_path, "k2")
+    assert c["points"] == {}  # another configuration starts empty
+    c["points"]["obs@unstructured@0.5000"] = {"wer": 0.3}
+    _save_state(tmp_path, c)
+    assert _load_state(tmp_path, "k2")["points"] == {"obs@unstructured@0.5000": {"wer": 0.3}}
+    assert _load_state(tmp_path, "k1")["points"] == {}

@@ -8,6 +8,7 @@ re-uses its MLflow parent run instead of logging duplicates.
 from __future__ import annotations
 
 import csv
+import fcntl
 import hashlib
 import io
 import json
@@ -147,6 +148,22 @@ def _load_state(state_dir: Path, key: str) -> dict:
     return {"config_key": key, "parent_run_id": None, "dense": None, "points": {}}
 
 
+def _save_state(state_dir: Path, state: dict) -> None:
+    """Write the checkpoint, keeping the points another process saved meanwhile (queued DVC
+    experiments share it): a file lock orders the read-merge-write of ``state.json``."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / "state.json"
+    with open(state_dir / "state.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            disk = json.loads(path.read_text()) if path.is_file() else None
+        except json.JSONDecodeError:
+            disk = None
+        if isinstance(disk, dict) and disk.get("config_key") == state["config_key"]:
+            state["points"] = {**disk.get("points", {}), **state["points"]}
+        write_json_atomic(path, state)
+
+
 def run_sweep(
     p: Params,
     hessian_dir: str | Path,
@@ -156,9 +173,19 @@ def run_sweep(
     progress: bool = True,
     name: str = "sweep",
 ) -> dict:
-    """Run (or resume) the sweep; write sweep.json / sweep.csv / sparsity_wer.png; log MLflow."""
+    """Run (or resume) the sweep; write sweep.json / sweep.csv / sparsity_wer.png; log MLflow.
+
+    ``state_dir`` is a memo of finished points, keyed by everything a point's result depends on
+    (:func:`_config_key`: params, Hessians, decoded evaluation data, model, code). A relative
+    path is taken from the user's repository (:func:`tracking.project_root`), also from inside
+    a queued DVC experiment's temporary copy, so an experiment that adds sparsities computes
+    only the new points. It is not a DVC output: DVC's run cache cannot hold a stage with
+    uncached outputs, and the stage's real outputs (metrics in git) decide whether it runs.
+    """
     seed_everything(p.seed)
     out_dir, state_dir = Path(out_dir), Path(state_dir)
+    if not state_dir.is_absolute():
+        state_dir = tracking.project_root() / state_dir
     model, processor = load_whisper(p.model.id, device=p.model.device)
     targets = targets_for(model, p)
     for pattern in p.sweep.patterns:
@@ -223,7 +250,7 @@ def run_sweep(
             mlflow.log_params(flatten({"prune": p.prune.method_kwargs()}))
             mlflow.log_param("num_eval_utterances", len(data.utterances))
             state["parent_run_id"] = parent.info.run_id
-            write_json_atomic(state_dir / "state.json", state)
+            _save_state(state_dir, state)
         logged = _finished_points(mlflow, state["parent_run_id"])
         if state["dense"] is None:
             m = evaluate_now("dense")
@@ -238,7 +265,7 @@ def run_sweep(
                 "model_bytes_fp16": dense_bytes // 2,
                 "bits_per_weight": 32.0,
             }
-            write_json_atomic(state_dir / "state.json", state)
+            _save_state(state_dir, state)
         if "dense" not in logged:
             _log_point(mlflow, state["dense"], "dense", pending_transcripts.pop("dense", None))
         for i, point in enumerate(points):
@@ -291,7 +318,7 @@ def run_sweep(
                 "bits_per_weight": round(8 * nbytes / n_params, 3),
             }
             state["points"][key] = result
-            write_json_atomic(state_dir / "state.json", state)
+            _save_state(state_dir, state)
             _log_point(mlflow, result, key, pending_transcripts.pop(key, None))
         summary = {
             "model_id": p.model.id,
