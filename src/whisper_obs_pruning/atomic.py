@@ -193,16 +193,19 @@ def check_writable(targets: dict[str, str | Path]) -> None:
     """Fail before a stage's work when one of its outputs cannot be written.
 
     A read-only or missing-permission folder would otherwise surface only at the final atomic
-    rename, after minutes of calibration or pruning. Each output's folder is created and a
-    probe file is written and removed in it (and inside the output itself when it is a
-    folder that receives files). ``targets`` maps a name for the message to the path.
+    rename, after minutes of calibration or pruning. For each output a probe file is written
+    and removed in the folder that will receive it (inside the output too when it is a folder
+    that receives files); a folder that does not exist yet is probed at its nearest existing
+    ancestor, where it will be created, so the check itself creates nothing. ``targets`` maps
+    a name for the message to the path.
     """
     for name, target in targets.items():
-        target = Path(target)
+        target = Path(target).absolute()
         folders = [target.parent] + ([target] if target.is_dir() else [])
         for folder in folders:
+            while not folder.exists() and folder != folder.parent:
+                folder = folder.parent
             try:
-                folder.mkdir(parents=True, exist_ok=True)
                 fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=folder)
                 os.close(fd)
                 os.unlink(probe)
