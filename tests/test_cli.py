@@ -78,5 +78,18 @@ def test_shrink_gives_a_smaller_model_that_loads_with_from_pretrained(tmp_path):
     card = (out / "README.md").read_text()  # the model card travels with the folder
     assert "base_model: openai/whisper-tiny.en" in card and "1152 / 768" in card
     assert "whisper-obs shrink --method magnitude" in card
+    assert "whole FFN neurons removed" in card and "one-shot" not in card
     bad = run("shrink", "--encoder-ffn", "1.0", "--out", str(tmp_path / "none"))
     assert bad.returncode == 2 and "error:" in bad.stderr and not (tmp_path / "none").exists()
+
+
+def test_a_programmatic_call_records_its_own_arguments_in_the_card(tmp_path, monkeypatch):
+    from whisper_obs_pruning.pipeline.main import main
+
+    monkeypatch.setattr(sys, "argv", ["pytest", "-k", "something else"])
+    out = tmp_path / "small"
+    argv = ["shrink", "--method", "magnitude", "--decoder-ffn", "0.25", "--out", str(out)]
+    assert main(argv) == 0
+    card = (out / "README.md").read_text()
+    assert "whisper-obs shrink --method magnitude --decoder-ffn 0.25" in card
+    assert "something else" not in card

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import yaml
 
+from whisper_obs_pruning.pipeline.prune import how_pruned
 from whisper_obs_pruning.whisper.model_card import base_model_id, model_card
 
 
@@ -22,6 +23,7 @@ def test_card_header_is_yaml_and_the_body_lists_what_was_done():
         calibration={"source": "embedded", "utterances": 96},
         evaluation={"evaluation": {"wer": 0.0744, "cer": 0.0352, "clips": 160}},
         command="dvc exp run -S prune.method=obs",
+        how="obs, one-shot.",
         tags=("pruned",),
     )
     _, header, body = text.split("---\n", 2)
@@ -43,7 +45,16 @@ def test_card_without_scores_says_where_they_come_from():
         calibration=None,
         evaluation=None,
         command="c",
+        how="the smallest-magnitude weights set to zero.",
         language=None,
     )
     assert "language" not in text.split("---\n")[1]
     assert "reads no Hessians" in text and "metrics/" in text
+    assert "by whisper-obs: the smallest-magnitude weights set to zero." in text
+
+
+def test_card_sentence_names_the_method_and_mode_it_describes():
+    assert "no calibration" in how_pruned("magnitude", sequential=False)
+    assert "one-shot" in how_pruned("obs", sequential=False)
+    seq = how_pruned("sparsegpt", sequential=True)
+    assert "sparsegpt" in seq and "already-pruned" in seq and "one-shot" not in seq

@@ -39,5 +39,5 @@ def read_format_config(
         )
     for key, kind in (tables or {"tensors": dict}).items():
         if not isinstance(cfg.get(key), kind):
-            raise error(f"{path}: no tensor table")
+            raise error(f"{path}: no {key!r} table (a {kind.__name__}) in the config")
     return cfg

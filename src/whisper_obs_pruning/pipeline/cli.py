@@ -39,6 +39,13 @@ def exit_cleanly_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, _term)
 
 
+def check_output_flags(args: argparse.Namespace) -> None:
+    """Fail before the work when a destination given by an output flag cannot be written."""
+    from ..atomic import check_writable
+
+    check_writable({f"--{k}": getattr(args, k) for k in OUTPUT_FLAGS if getattr(args, k, None)})
+
+
 def stage_main(
     name: str,
     body: Callable[..., None],
@@ -50,7 +57,6 @@ def stage_main(
     tracking) or an ``OSError`` (a full disk, a read-only folder): one clear line instead of a
     traceback, and a non-zero exit so DVC marks the stage failed and keeps its old outputs.
     """
-    from ..atomic import check_writable
     from ..errors import WhisperObsError
     from .params import load_params
 
@@ -68,7 +74,7 @@ def stage_main(
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         params = load_params(args.params)
-        check_writable({f"--{k}": getattr(args, k) for k in OUTPUT_FLAGS if getattr(args, k, None)})
+        check_output_flags(args)
         body(params, args)
     except (WhisperObsError, OSError) as exc:
         print(error_line(name, exc), file=sys.stderr)

@@ -17,7 +17,7 @@ import logging
 import shlex
 import sys
 
-from .cli import OUTPUT_FLAGS, error_line, exit_cleanly_on_sigterm
+from .cli import check_output_flags, error_line, exit_cleanly_on_sigterm
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -124,7 +124,8 @@ def _shrink(args: argparse.Namespace) -> int:
         },
         calibration=None if args.method == "magnitude" else {"Hessian set": args.hessians},
         evaluation=None,
-        command=shlex.join(["whisper-obs", *sys.argv[1:]]),
+        command=shlex.join(["whisper-obs", *args.argv]),
+        how=f"structured: whole FFN neurons removed ({args.method}), the layers made smaller.",
         tags=("structured", args.method),
     )
     out = save_structured(model, processor, args.out, card=card)
@@ -196,17 +197,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..atomic import check_writable
     from ..errors import WhisperObsError
 
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for the model card's command
     exit_cleanly_on_sigterm()
     logging.basicConfig(level=logging.WARNING, format="[whisper-obs] %(levelname)s %(message)s")
     try:
         if args.command != "report":  # the one command whose --metrics is an input
-            check_writable(
-                {f"--{k}": getattr(args, k) for k in OUTPUT_FLAGS if getattr(args, k, None)}
-            )  # a read-only destination fails now, not after the work
+            check_output_flags(args)  # a read-only destination fails now, not after the work
         return args.func(args)
     except (WhisperObsError, OSError) as exc:
         print(error_line(f"whisper-obs {args.command}", exc), file=sys.stderr)

@@ -103,6 +103,18 @@ def prune(
     return summary
 
 
+def how_pruned(method: str, sequential: bool) -> str:
+    """The card's sentence on how the weights were chosen: it differs by method and mode."""
+    if method == "magnitude":
+        return "the smallest-magnitude weights set to zero (no calibration, no weight update)."
+    if sequential:
+        return (
+            f"{method}, layer by layer, each layer's Hessian taken from the inputs of the "
+            "already-pruned layers before it (no fine-tuning)."
+        )
+    return f"{method}, one-shot, from per-layer Hessians of calibration audio (no fine-tuning)."
+
+
 def _card(p: Params, summary: dict, calibration: dict | None) -> str:
     """The pruned model's card: what was removed, from which calibration, how to redo it."""
     pr = p.prune
@@ -129,6 +141,7 @@ def _card(p: Params, summary: dict, calibration: dict | None) -> str:
         calibration=calibration,
         evaluation=None,
         command=f"dvc exp run {sets} -S prune.pattern={summary['pattern']}  # stage prune",
+        how=how_pruned(pr.method, pr.sequential),
         language=p.model.language,
         tags=("pruned", "sparse", pr.method),
     )

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..atomic import atomic_directory
 from ..hessians.store import load_hessian, read_manifest
+from ..whisper.model_card import write_model_card
 from .ffn import METHODS, FFNPruneResult, StructuredError, prune_ffn
 
 HessianSource = str | Path | Callable[[str], torch.Tensor] | None
@@ -251,5 +252,5 @@ def save_structured(
         if hasattr(model, "generation_config") and model.generation_config is not None:
             model.generation_config.save_pretrained(str(tmp))
         if card is not None:
-            (tmp / "README.md").write_text(card, encoding="utf-8")
+            write_model_card(tmp, card)
     return out_dir

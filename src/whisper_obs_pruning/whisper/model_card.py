@@ -39,10 +39,13 @@ def model_card(
     calibration: Mapping[str, object] | None,
     evaluation: Mapping[str, Mapping[str, float]] | None,
     command: str,
+    how: str,
     language: str | None = "en",
     tags: tuple[str, ...] = (),
 ) -> str:
-    """The card's text. ``evaluation``: split name -> {"wer", "cer", "clips"} (fractions)."""
+    """The card's text. ``evaluation``: split name -> {"wer", "cer", "clips"} (fractions);
+    ``how``: one sentence from the caller on how the weights were chosen (it differs by method).
+    """
     base = base_model_id(model_id)
     header = [
         "---",
@@ -56,8 +59,7 @@ def model_card(
     body = [
         f"# {title}",
         "",
-        f"Compressed from `{base}` (loaded as `{model_id}`) by whisper-obs, one-shot, from "
-        "per-layer Hessians of calibration audio (no fine-tuning).",
+        f"Compressed from `{base}` (loaded as `{model_id}`) by whisper-obs: {how}",
         "",
         "## Compression",
         "",
