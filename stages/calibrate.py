@@ -13,10 +13,10 @@ from whisper_obs_pruning.pipeline.params import Params
 
 def main(params: Params, args) -> None:
     """Calibrate: teacher-forced passes over the calibration audio, one Hessian per Linear input."""
-    check_tracking(params)  # an unusable MLflow store fails now, not after the work
+    started = check_tracking(params)  # an unusable MLflow store fails now, not after the work
     metrics = calibrate(params, args.out, progress=not args.no_progress)
     write_json_atomic(args.metrics, metrics)
-    log_stage(params, "calibrate", metrics, [args.metrics, f"{args.out}/manifest.json"])
+    log_stage(params, "calibrate", metrics, [args.metrics, f"{args.out}/manifest.json"], started)
     print(f"[calibrate] {metrics}")
 
 

@@ -15,12 +15,12 @@ from whisper_obs_pruning.speech.scoring import write_rows_csv
 
 def main(params: Params, args) -> None:
     """Transcribe the evaluation split with the pruned model and score it."""
-    check_tracking(params)
+    started = check_tracking(params)
     metrics, rows = evaluate(params, args.model, progress=not args.no_progress)
     write_rows_csv(args.utterances, rows)
     write_json_atomic(args.metrics, metrics)
     write_json_atomic(args.scores, scores_only(metrics))
-    log_stage(params, "evaluate", metrics, [args.metrics, args.utterances])
+    log_stage(params, "evaluate", metrics, [args.metrics, args.utterances], started)
     print(
         f"[evaluate] WER {100 * metrics['wer']:.2f}%  CER {100 * metrics['cer']:.2f}%  "
         f"sparsity {100 * metrics['sparsity']:.1f}% ({metrics['method']}, {metrics['pattern']})"

@@ -12,9 +12,10 @@ from whisper_obs_pruning.pipeline.prune import prune
 
 def main(params: Params, args) -> None:
     """Prune with prune.method / sparsity / pattern from the cached Hessians."""
-    check_tracking(params)
+    started = check_tracking(params)
     summary = prune(params, args.hessians, args.out, progress=not args.no_progress)
-    log_stage(params, "prune", summary, [f"{args.out}/report.json"])
+    model = [f"{args.out}/model"] if params.mlflow.log_model else []  # the chosen point's model
+    log_stage(params, "prune", summary, [f"{args.out}/report.json", *model], started)
     print(f"[prune] {summary}")
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from whisper_obs_pruning.pipeline import tracking
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -183,6 +185,77 @@ def test_mlflow_runs_nested(repro):
     assert (art_dir / "sparsity_wer.png").exists() and (art_dir / "sweep.json").exists()
 
 
+def _rest(uri: str, endpoint: str, body: dict | None = None, **query: str) -> dict:
+    """One MLflow REST call: GET with a query, or POST with a JSON body."""
+    import urllib.parse
+    import urllib.request
+
+    url = f"{uri}/api/2.0/mlflow/{endpoint}"
+    if query:
+        url += "?" + urllib.parse.urlencode(query)
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def test_mlflow_overlay_chart_and_logged_model_through_rest(repro, tmp_path):
+    """What the MLflow UI shows, checked through a live server's REST API (issue 11): the sweep's
+    parent run holds one WER metric per method, all at the same steps, dense at step 0, and a
+    stored route to the chart that overlays them; the prune run spans its work and holds the
+    pruned model. (`scripts/mlflow_screenshot.py` photographs that chart in headless Chromium.)"""
+    import urllib.parse
+    import urllib.request
+
+    root, _, _ = repro
+    shutil.copy2(root / "mlflow.db", tmp_path / "mlflow.db")  # the server reads a copy
+    sweep = json.loads((root / "metrics/sweep.json").read_text())
+    with tracking.local_server(f"sqlite:///{tmp_path / 'mlflow.db'}") as uri:
+        exp = _rest(uri, "experiments/get-by-name", experiment_name="whisper-obs")["experiment"]
+        exp_tags = {t["key"]: t["value"] for t in exp.get("tags", [])}
+        assert exp_tags["mlflow.experimentKind"] == "custom_model_development"
+
+        def run_named(name: str) -> dict:
+            found = _rest(
+                uri,
+                "runs/search",
+                {"experiment_ids": [exp["experiment_id"]], "filter": f"run_name = '{name}'"},
+            )["runs"]
+            assert len(found) == 1, name
+            return found[0]
+
+        parent = run_named("sweep")
+        tags = {t["key"]: t["value"] for t in parent["data"]["tags"]}
+        path, _, query = tags["overlay_chart"].partition("?")
+        q = urllib.parse.parse_qs(query)
+        keys = json.loads(q["plot_metric_keys"][0])
+        assert path == "/metric" and json.loads(q["runs"][0]) == [parent["info"]["run_id"]]
+        assert tags["overlay_chart"] in tags["mlflow.note.content"]  # linked from the run page
+        assert keys == ["wer_magnitude", "wer_sparsegpt", "wer_magnitude_nm", "wer_sparsegpt_nm"]
+        want = {
+            f"wer_{p['method']}" + ("_nm" if p["pattern"] != "unstructured" else ""): p["wer"]
+            for p in sweep["points"]
+        }
+        for key in keys:  # one metric per method, the same steps, dense at step 0
+            history = _rest(
+                uri, "metrics/get-history", run_id=parent["info"]["run_id"], metric_key=key
+            )["metrics"]
+            by_step = {m["step"]: m["value"] for m in history}
+            assert set(by_step) == {0, 50}, key
+            assert by_step[0] == pytest.approx(sweep["dense"]["wer"])
+            assert by_step[50] == pytest.approx(want[key])
+
+        prune = run_named("prune sparsegpt 50%")
+        files = _rest(uri, "artifacts/list", run_id=prune["info"]["run_id"], path="model")
+        names = {Path(f["path"]).name for f in files["files"]}
+        assert {"model.safetensors", "config.json", "README.md"} <= names
+        metrics = {m["key"]: m["value"] for m in prune["data"]["metrics"]}
+        span_s = (int(prune["info"]["end_time"]) - int(prune["info"]["start_time"])) / 1000
+        assert span_s >= metrics["prune_seconds"]  # the run spans the work, not the logging
+        with urllib.request.urlopen(f"{uri}/", timeout=30) as r:  # the UI itself is served
+            assert r.status == 200 and "<html" in r.read().decode().lower()
+
+
 def test_repro_again_is_cached_and_exp_run_changes_one_param(repro):
     root, env, _ = repro
     status = sh(["dvc", "status"], root, env)
@@ -267,58 +340,19 @@ def test_queued_experiment_adding_a_sparsity_computes_only_the_new_points(repro)
     assert sorted(new) == ["magnitude@unstructured@0.6000", "sparsegpt@unstructured@0.6000"]
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_queue_logs_to_one_tracking_server_and_pushes_to_a_remote(repro, tmp_path):
     """The several-workers set-up in its local form: an MLflow server on 127.0.0.1 that every
     queued experiment logs to, and a DVC remote (a directory) that holds the artifacts."""
-    import time
-    import urllib.request
-
     from mlflow.tracking import MlflowClient
 
     root, env, _ = repro
-    port = _free_port()
     store = tmp_path / "server"
     store.mkdir()
-    server = subprocess.Popen(
-        [
-            str(BIN / "mlflow"),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{store / 'mlflow.db'}",
-            "--artifacts-destination",
-            str(store / "artifacts"),
-        ],
-        env={**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    server = tracking.local_server(
+        f"sqlite:///{store / 'mlflow.db'}", artifacts_destination=store / "artifacts"
     )
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                if time.time() > deadline or server.poll() is not None:
-                    raise
-                time.sleep(1)
+    with server as uri:
         env_server = {**env, "MLFLOW_TRACKING_URI": uri}
         for s in ("0.35", "0.45"):
             sh(["dvc", "exp", "run", "--queue", "-S", f"prune.sparsity={s}"], root, env_server)
@@ -330,9 +364,6 @@ def test_queue_logs_to_one_tracking_server_and_pushes_to_a_remote(repro, tmp_pat
         assert {"0.35", "0.45"} <= logged
         for r in runs:
             assert 0 <= r.data.metrics["wer"] < 1.0
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
     remote = tmp_path / "dvc-remote"
     sh(["dvc", "remote", "add", "--local", "-d", "shared", str(remote)], root, env)

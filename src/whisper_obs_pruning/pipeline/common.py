@@ -41,15 +41,26 @@ def fingerprint(model: torch.nn.Module) -> str:
     return model_fingerprint(model, list(linear_layers(model)))
 
 
-def check_tracking(p: Params) -> None:
-    """Open the MLflow store before a stage's work, so a bad one fails in seconds."""
+def check_tracking(p: Params) -> float:
+    """Open the MLflow store before a stage's work, so a bad one fails in seconds; return the
+    time the work starts (``log_stage``'s ``started``: the run spans the work)."""
+    import time
+
     from . import tracking
 
     tracking.setup(p.mlflow.experiment, p.mlflow.tracking_uri)
+    return time.time()
 
 
-def log_stage(p: Params, stage: str, metrics: dict, artifacts: list[Path] = ()) -> None:
-    """One MLflow run per stage execution: all params, the numeric metrics, chosen files."""
+def log_stage(
+    p: Params,
+    stage: str,
+    metrics: dict,
+    artifacts: list[str | Path] = (),
+    started: float | None = None,
+) -> None:
+    """One MLflow run per stage execution: all params, the numeric metrics, chosen files and
+    folders (a folder is logged under its own name, e.g. ``model/``)."""
     from . import tracking
 
     with tracking.run(
@@ -58,10 +69,13 @@ def log_stage(p: Params, stage: str, metrics: dict, artifacts: list[Path] = ()) 
         params=p.flat(),
         tags={"stage": stage, **tracking.provenance()},
         configured_uri=p.mlflow.tracking_uri,
+        started=started,
     ) as mlflow:
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if numeric(v)})
-        for a in artifacts:
-            if Path(a).exists():
+        for a in map(Path, artifacts):
+            if a.is_dir():
+                mlflow.log_artifacts(str(a), artifact_path=a.name)
+            elif a.exists():
                 mlflow.log_artifact(str(a))
 
 

@@ -58,7 +58,7 @@ def _stage(args: argparse.Namespace) -> int:
     from .params import load_params
 
     p = load_params(args.params)
-    check_tracking(p)
+    started = check_tracking(p)
     progress = not args.no_progress
     if args.command == "calibrate":
         from ..atomic import write_json_atomic
@@ -66,13 +66,14 @@ def _stage(args: argparse.Namespace) -> int:
 
         metrics = calibrate(p, args.out or "artifacts/hessians", progress=progress)
         write_json_atomic("metrics/calibrate.json", metrics)
-        log_stage(p, "calibrate", metrics)
+        log_stage(p, "calibrate", metrics, started=started)
         print(metrics)
     elif args.command == "prune":
         from .prune import prune
 
-        summary = prune(p, args.hessians, args.out or "artifacts/pruned", progress=progress)
-        log_stage(p, "prune", summary)
+        out = args.out or "artifacts/pruned"
+        summary = prune(p, args.hessians, out, progress=progress)
+        log_stage(p, "prune", summary, [f"{out}/model"] if p.mlflow.log_model else [], started)
         print(summary)
     else:
         from .sweep import format_table, run_sweep

@@ -357,6 +357,7 @@ class MlflowSpec(_Spec):
     tracking_uri: Annotated[str | None, BeforeValidator(lambda v: v if v is None else _text(v))] = (
         None
     )
+    log_model: bool = True  # the prune stage logs its model folder (~150 MB for tiny.en)
 
 
 class Params(_Spec):

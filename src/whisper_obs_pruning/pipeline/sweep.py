@@ -15,6 +15,7 @@ import json
 import logging
 import tempfile
 import time
+import urllib.parse
 from pathlib import Path
 
 from ..atomic import write_json_atomic, write_text_atomic
@@ -384,19 +385,59 @@ def _log_point(mlflow, result: dict, key: str, transcripts: dict | None = None) 
                 mlflow.log_metric(k, result[k], step=step)
 
 
+def _curve_metric(pt: dict) -> str | None:
+    """The parent run's metric a point belongs to: one per method, ``_nm`` for N:M patterns
+    (whose step is the pattern's sparsity); None for a quantized dense point (its own run)."""
+    if pt["method"] == "dense":
+        return None
+    label = _row_label(pt).replace("+", "_")  # MLflow metric names: no '+'
+    return f"wer_{label}" + ("" if pt["pattern"] == "unstructured" else "_nm")
+
+
+def curve_metric_names(summary: dict) -> list[str]:
+    """The parent run's curve metrics, in point order."""
+    names = [_curve_metric(pt) for pt in summary["points"]]
+    return [n for i, n in enumerate(names) if n is not None and n not in names[:i]]
+
+
+def overlay_chart_route(run_id: str, experiment_id: str, metrics: list[str]) -> str:
+    """The MLflow UI route (after ``#``) that draws every curve metric of one run in one chart,
+    against the step (the target sparsity in %)."""
+    q = urllib.parse.quote
+    query = {
+        "runs": json.dumps([run_id]),
+        "metric": q(json.dumps(metrics[0])),
+        "experiments": json.dumps([experiment_id]),
+        "plot_metric_keys": q(json.dumps(metrics)),
+        "plot_layout": "{}",
+        "x_axis": "step",
+        "y_axis_scale": "linear",
+        "line_smoothness": "1",
+        "show_point": "true",
+        "deselected_curves": "[]",
+        "last_linear_y_axis_range": "[]",
+    }
+    return "/metric?" + "&".join(f"{k}={v}" for k, v in query.items())
+
+
 def _log_parent(mlflow, summary: dict, out_dir: Path) -> None:
     dense = summary["dense"]
     mlflow.log_metric("wer_dense", dense["wer"])
-    names = set()
+    names = curve_metric_names(summary)
+    for name in names:  # every curve starts at the dense model, step 0
+        mlflow.log_metric(name, dense["wer"], step=0)
     for pt in summary["points"]:
-        if pt["method"] == "dense":
-            continue  # quantized dense: a point of its own run, not a curve
-        label = _row_label(pt).replace("+", "_")  # MLflow metric names: no '+'
-        name = f"wer_{label}" + ("" if pt["pattern"] == "unstructured" else "_nm")
-        if name not in names:  # every curve starts at the dense model, step 0
-            mlflow.log_metric(name, dense["wer"], step=0)
-            names.add(name)
-        mlflow.log_metric(name, pt["wer"], step=round(100 * pt["target_sparsity"]))
+        if name := _curve_metric(pt):
+            mlflow.log_metric(name, pt["wer"], step=round(100 * pt["target_sparsity"]))
+    if names:
+        run = mlflow.active_run()
+        route = overlay_chart_route(run.info.run_id, run.info.experiment_id, names)
+        mlflow.set_tag("overlay_chart", route)
+        mlflow.set_tag(
+            "mlflow.note.content",  # the run's description, shown on its page
+            f"WER against sparsity, every method in one chart: [open the chart](#{route}) "
+            "(x: target sparsity %, step 0 = the dense model).",
+        )
     for f in ("sweep.json", "sweep.csv", "sweep_wer.json", "sparsity_wer.png", "size_wer.png"):
         mlflow.log_artifact(str(out_dir / f))
 

@@ -25,6 +25,9 @@ os.environ.setdefault("DO_NOT_TRACK", "true")
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 
 
+ARTIFACTS = "mlartifacts"  # the artifact folder, next to the sqlite store
+
+
 class TrackingError(WhisperObsError, RuntimeError):
     """The MLflow tracking store cannot be used."""
 
@@ -47,6 +50,43 @@ def tracking_uri(configured: str | None = None, root: str | Path | None = None) 
     if uri:
         return uri
     return f"sqlite:///{project_root(root) / 'mlflow.db'}"
+
+
+def follow_moved_store(db_path: str | Path, artifacts: str) -> int:
+    """Point the store's artifact locations at ``artifacts`` (``<store dir>/mlartifacts``) when
+    the checkout holding the store was moved or copied; returns how many rows were changed.
+
+    The locations are absolute (see ``setup``), so without this a moved checkout would keep
+    writing artifacts into the old folder, and a copied one into the original. Only locations
+    this project made (ending in ``/mlartifacts``) are rewritten, in one transaction.
+    """
+    import sqlite3
+
+    con = sqlite3.connect(str(db_path), timeout=20)
+    try:
+        with con:
+            olds = [
+                row[0]
+                for row in con.execute(
+                    "SELECT DISTINCT artifact_location FROM experiments "
+                    "WHERE artifact_location LIKE ? AND artifact_location != ?",
+                    (f"%/{ARTIFACTS}", artifacts),
+                )
+            ]
+            changed = 0
+            for old in olds:
+                changed += con.execute(
+                    "UPDATE experiments SET artifact_location = ? WHERE artifact_location = ?",
+                    (artifacts, old),
+                ).rowcount
+                changed += con.execute(
+                    "UPDATE runs SET artifact_uri = ? || substr(artifact_uri, ?) "
+                    "WHERE substr(artifact_uri, 1, ?) = ?",
+                    (artifacts, len(old) + 1, len(old) + 1, old + "/"),
+                ).rowcount
+    finally:
+        con.close()
+    return changed
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
@@ -75,11 +115,14 @@ def setup(experiment: str, configured_uri: str | None = None):
     mlflow.set_tracking_uri(uri)
     try:
         with _sqlite_init_lock(uri):
-            if uri.startswith("sqlite:///") and mlflow.get_experiment_by_name(experiment) is None:
+            if uri.startswith("sqlite:///"):
                 # Artifacts next to the database, by absolute path: MLflow's default is
                 # ./mlruns of the current directory, i.e. inside a queued experiment's temp copy.
-                root = Path(uri.removeprefix("sqlite:///")).parent
-                mlflow.create_experiment(experiment, (root / "mlartifacts").as_uri())
+                artifacts = (Path(uri.removeprefix("sqlite:///")).parent / ARTIFACTS).as_uri()
+                if mlflow.get_experiment_by_name(experiment) is None:
+                    mlflow.create_experiment(experiment, artifacts)
+                else:
+                    follow_moved_store(uri.removeprefix("sqlite:///"), artifacts)
             exp = mlflow.set_experiment(experiment)
             if exp.tags.get(EXPERIMENT_KIND_TAG) is None:
                 # Without it MLflow 3's UI opens the experiment in GenAI mode (traces, no runs).
@@ -121,10 +164,23 @@ def run(
     tags: dict | None = None,
     configured_uri: str | None = None,
     nested: bool = False,
+    started: float | None = None,
 ) -> Iterator[object]:
-    """Start a (possibly nested) MLflow run with params and tags; yields the mlflow module."""
+    """Start a (possibly nested) MLflow run with params and tags; yields the mlflow module.
+
+    ``started`` (``time.time()`` when the work began) back-dates a top-level run, so a stage
+    that logs after its work still shows how long the work took, not the few ms of logging.
+    """
     mlflow = setup(experiment, configured_uri)
-    with mlflow.start_run(run_name=run_name, nested=nested, tags=tags or {}):
+    run_id = None
+    if started is not None and not nested:
+        exp_id = mlflow.get_experiment_by_name(experiment).experiment_id
+        run_id = (
+            mlflow.MlflowClient()
+            .create_run(exp_id, start_time=int(1000 * started), tags=tags, run_name=run_name)
+            .info.run_id
+        )
+    with mlflow.start_run(run_id=run_id, run_name=run_name, nested=nested, tags=tags or {}):
         if params:
             mlflow.log_params({k: ("null" if v is None else v) for k, v in params.items()})
         yield mlflow
@@ -153,3 +209,41 @@ def provenance(root: str | Path | None = None) -> dict[str, str]:
     if lock.is_file():
         tags["dvc_lock_sha256"] = hashlib.sha256(lock.read_bytes()).hexdigest()[:16]
     return tags
+
+
+@contextlib.contextmanager
+def local_server(
+    backend_uri: str, *, artifacts_destination: str | Path | None = None, timeout: float = 180
+) -> Iterator[str]:
+    """An ``mlflow server`` on a free 127.0.0.1 port over ``backend_uri``; yields its URL and
+    stops it on exit. For the REST checks, the UI screenshot and the shared-server set-up."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1"]
+    cmd += ["--port", str(port), "--workers", "1", "--backend-store-uri", backend_uri]
+    if artifacts_destination is not None:
+        cmd += ["--artifacts-destination", str(artifacts_destination)]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2):
+                    break
+            except OSError as exc:
+                if time.time() > deadline or server.poll() is not None:
+                    raise TrackingError(f"mlflow server on {backend_uri} did not start") from exc
+                time.sleep(1)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
