@@ -380,7 +380,8 @@ def test_project_root_from_queued_experiment_copy(tmp_path):
 
 # ------------------------------------------------------------------ resume
 def test_interrupted_sweep_resumes_without_duplicate_runs(hessian_set, tmp_path):
-    """Kill the sweep stage after two finished points; the rerun reuses them and its run."""
+    """Kill `whisper-obs sweep` (the in-process sweep; the DVC pipeline runs a stage per point)
+    after two finished points; the rerun reuses them and its run."""
     import sqlite3
 
     params = write_params(
@@ -394,6 +395,8 @@ def test_interrupted_sweep_resumes_without_duplicate_runs(hessian_set, tmp_path)
         },
     )
     state = tmp_path / "state" / "state.json"
+    cli_sweep = [sys.executable, "-m", "whisper_obs_pruning.pipeline.main", "sweep"]
+    cli_sweep += ["--params", str(params), "--no-progress"]
     args = [
         "--hessians",
         str(hessian_set),
@@ -405,11 +408,7 @@ def test_interrupted_sweep_resumes_without_duplicate_runs(hessian_set, tmp_path)
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     proc = subprocess.Popen(
         [
-            sys.executable,
-            str(REPO / "stages/sweep.py"),
-            "--params",
-            str(params),
-            "--no-progress",
+            *cli_sweep,
             *args,
         ],
         cwd=tmp_path,
@@ -428,7 +427,9 @@ def test_interrupted_sweep_resumes_without_duplicate_runs(hessian_set, tmp_path)
     assert 2 <= len(done_before) < 4, "the sweep should have been killed half-way"
     assert not (tmp_path / "metrics" / "sweep.json").exists()
 
-    proc = run_stage("sweep", params, *args)
+    proc = subprocess.run(
+        [*cli_sweep, *args], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     for key in done_before:
         assert f"{key} already done" in proc.stderr
@@ -698,3 +699,19 @@ def test_locked_tracking_store_fails_before_the_work(tmp_path, monkeypatch):
     finally:
         holder.execute("ROLLBACK")
         holder.close()
+
+
+# ------------------------------------------------------------------ one stage per sweep point
+def test_a_bad_point_or_a_missing_one_is_one_error_line(tmp_path):
+    """The matrix stages take their point on the command line: a wrong one is refused like a
+    wrong params value; the gathering stage names the points nobody computed."""
+    params = write_params(tmp_path, {"sweep.methods": ["obs"], "sweep.patterns": []})
+    bad = run_stage("sweep_point", params, "--method", "nosuch", "--sparsity", "0.5", "--out", "o")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
+    assert "error:" in bad.stderr and "'nosuch' is not allowed" in bad.stderr
+    assert not (tmp_path / "o").exists()
+    (tmp_path / "points").mkdir()
+    gather = run_stage("sweep", params, "--points", "points", "--out", "m")
+    assert gather.returncode == 2 and "Traceback" not in gather.stderr, gather.stderr
+    assert "no result for dense@dense@0.0000, obs@unstructured@0.5000" in gather.stderr
+    assert not (tmp_path / "m").exists()

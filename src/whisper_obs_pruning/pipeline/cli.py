@@ -39,6 +39,13 @@ def exit_cleanly_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, _term)
 
 
+def setup_logging(name: str, level: int) -> None:
+    """``[name] LEVEL message`` lines; the libraries' INFO chatter stays quiet."""
+    logging.basicConfig(level=level, format=f"[{name}] %(levelname)s %(message)s")
+    for noisy in ("alembic", "mlflow", "httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
 def check_output_flags(args: argparse.Namespace) -> None:
     """Fail before the work when a destination given by an output flag cannot be written."""
     from ..atomic import check_writable
@@ -69,9 +76,7 @@ def stage_main(
         add_args(parser)
     args = parser.parse_args()
     exit_cleanly_on_sigterm()
-    logging.basicConfig(level=logging.INFO, format=f"[{name}] %(levelname)s %(message)s")
-    for noisy in ("alembic", "mlflow", "httpx", "urllib3", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_logging(name, logging.INFO)
     try:
         params = load_params(args.params)
         check_output_flags(args)

@@ -17,7 +17,7 @@ import logging
 import shlex
 import sys
 
-from .cli import check_output_flags, error_line, exit_cleanly_on_sigterm
+from .cli import check_output_flags, error_line, exit_cleanly_on_sigterm, setup_logging
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -78,7 +78,7 @@ def _stage(args: argparse.Namespace) -> int:
     else:
         from .sweep import format_table, run_sweep
 
-        summary = run_sweep(p, args.hessians, args.out or "metrics", progress=progress)
+        summary = run_sweep(p, args.hessians, args.out or "metrics", args.state, progress=progress)
         print(format_table(summary))
     return 0
 
@@ -171,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--params", default="params.yaml")
         sp.add_argument("--hessians", default="artifacts/hessians")
         sp.add_argument("--out", default=None)
+        if name == "sweep":
+            sp.add_argument(
+                "--state",
+                default="artifacts/sweep_state",
+                help="memo of finished points: a killed sweep resumes (default: %(default)s)",
+            )
         sp.set_defaults(func=_stage)
     xp = sub.add_parser("export", help="convert to CTranslate2 / faster-whisper")
     xp.add_argument("--model", required=True, help="model dir (e.g. artifacts/pruned/model)")
@@ -203,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # for the model card's command
     exit_cleanly_on_sigterm()
-    logging.basicConfig(level=logging.WARNING, format="[whisper-obs] %(levelname)s %(message)s")
+    stage = args.command in ("calibrate", "prune", "sweep")  # long work: say what it does
+    setup_logging("whisper-obs", logging.INFO if stage else logging.WARNING)
     try:
         if args.command != "report":  # the one command whose --metrics is an input
             check_output_flags(args)  # a read-only destination fails now, not after the work

@@ -1,8 +1,10 @@
 """Methods x sparsities from one cached calibration: the sparsity-versus-WER comparison.
 
-Each point restores the dense weights, prunes from the cached Hessians and evaluates. Finished
-points are checkpointed (``state_dir``), so an interrupted sweep resumes where it stopped and
-re-uses its MLflow parent run instead of logging duplicates.
+Two ways to run the grid over the same point code (``point.py``): the DVC pipeline computes
+each point in a stage of its own and :func:`aggregate_sweep` gathers them (tables, plots, one
+MLflow parent run with a nested run per point); :func:`run_sweep` (``whisper-obs sweep``, the
+benchmarks) runs them in one process, with a memo of finished points (``state_dir``) so an
+interrupted sweep resumes where it stopped and re-uses its MLflow parent run.
 """
 
 from __future__ import annotations
@@ -14,26 +16,17 @@ import io
 import json
 import logging
 import tempfile
-import time
 import urllib.parse
 from pathlib import Path
 
 from ..atomic import write_json_atomic, write_text_atomic
-from ..hessians.store import reusable_hessians
-from ..methods import parse_pattern, pattern_name
-from ..pruning.apply import prune_layers
-from ..pruning.targets import check_pattern_fits, weight_sparsity
-from ..quant.apply import quantize_layers
-from ..quant.checkpoint import save_quantized
-from ..quant.grid import parse_scheme
+from ..hessians.store import ArtifactError
 from ..speech.scoring import write_rows_csv
-from ..whisper.loading import load_whisper
-from ..whisper.sparse_checkpoint import save_sparse
 from . import tracking
-from .common import fingerprint, load_split, seed_everything, targets_for
-from .evaluate import evaluate_on
+from .common import fingerprint
 from .params import Params, flatten
 from .plots import plot_size, plot_sparsity
+from .point import DENSE, PointContext, point_key, read_points, sweep_points
 
 log = logging.getLogger(__name__)
 
@@ -48,52 +41,6 @@ CSV_FIELDS = (
     "model_bytes",
     "bits_per_weight",
 )
-
-
-def sweep_points(p: Params) -> list[dict]:
-    """The grid, per quantization scheme (``none`` first): every method at every sparsity,
-    then at every N:M pattern; a quantized scheme also gets the dense model quantized."""
-    sw = p.sweep
-    points: list[dict] = []
-    for q in sw.quant:
-        if q != "none":
-            points.append(
-                {"method": "dense", "pattern": "dense", "target_sparsity": 0.0, "quant": q}
-            )
-        points += [
-            {"method": m, "pattern": "unstructured", "target_sparsity": float(s), "quant": q}
-            for m in sw.methods
-            for s in sw.sparsities
-        ]
-        for pat in sw.patterns:
-            n, m_ = parse_pattern(pat)
-            points += [
-                {
-                    "method": m,
-                    "pattern": pattern_name((n, m_)),
-                    "target_sparsity": n / m_,
-                    "quant": q,
-                }
-                for m in sw.methods
-            ]
-    return points
-
-
-def point_key(point: dict) -> str:
-    key = f"{point['method']}@{point['pattern']}@{point['target_sparsity']:.4f}"
-    quant = point.get("quant", "none")
-    return key if quant == "none" else f"{key}+{quant}"
-
-
-def checkpoint_bytes(model, processor, targets: list[str], quant_results: dict | None) -> int:
-    """Bytes of the weights file of the compressed checkpoint of the model as evaluated:
-    the quantized (+ bitmask) format for a quantized point, else the sparse export."""
-    with tempfile.TemporaryDirectory(prefix="whisper-obs-size-") as tmp:
-        if quant_results:
-            summary = save_quantized(model, quant_results, Path(tmp) / "q", other_dtype="float16")
-        else:
-            summary = save_sparse(model, Path(tmp) / "s", targets=targets, processor=processor)
-        return int(summary["weights_bytes"])
 
 
 def _data_digest(utterances) -> str:
@@ -183,54 +130,21 @@ def run_sweep(
     only the new points. It is not a DVC output: DVC's run cache cannot hold a stage with
     uncached outputs, and the stage's real outputs (metrics in git) decide whether it runs.
     """
-    seed_everything(p.seed)
     out_dir, state_dir = Path(out_dir), Path(state_dir)
     if not state_dir.is_absolute():
         state_dir = tracking.project_root() / state_dir
-    model, processor = load_whisper(p.model.id, device=p.model.device)
-    targets = targets_for(model, p)
-    for pattern in p.sweep.patterns:
-        check_pattern_fits(model, targets, pattern)
-    manifest, get_hessian = reusable_hessians(
-        hessian_dir, model, targets, fingerprint(model), p.calibrate.max_hessian_bytes
-    )
-    dense_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    n_params = sum(t.numel() for t in {id(t): t for t in model.parameters()}.values())
-    dense_bytes = 4 * n_params  # the float32 checkpoint's weights
-    data = load_split(p.data.evaluation, "evaluation")
-    extras = {
-        x.name: load_split(x, x.name)
-        for x in (p.data.extra_evaluation if p.sweep.extra_splits else [])
-    }
+    ctx = PointContext.open(p, hessian_dir)
+    data = ctx.data
     state = _load_state(
         state_dir,
         _config_key(
             p,
-            manifest,
-            [u for d in (data, *extras.values()) for u in d.utterances],
-            fingerprint(model),
+            ctx.manifest,
+            [u for d in (data, *ctx.extras.values()) for u in d.utterances],
+            fingerprint(ctx.model),
         ),
     )
     points = sweep_points(p)
-
-    def evaluate_now(desc: str) -> dict:
-        """WER/CER on the evaluation split, ``wer_<name>``/``cer_<name>`` on each extra one;
-        the per-utterance transcripts of every split go to the point's MLflow run."""
-        metrics, rows = evaluate_on(
-            p, model, processor, data.utterances, progress=progress, desc=desc
-        )
-        out = _keep(metrics)
-        transcripts = {"evaluation": rows}
-        for name, extra in extras.items():
-            m, r = evaluate_on(
-                p, model, processor, extra.utterances, progress=progress, desc=f"{desc} {name}"
-            )
-            out.update({f"{k}_{name}": m[k] for k in ("wer", "cer", "num_utterances")})
-            transcripts[name] = r
-        pending_transcripts[desc] = transcripts
-        return out
-
-    pending_transcripts: dict[str, dict[str, list]] = {}
 
     mlflow = tracking.setup(p.mlflow.experiment, p.mlflow.tracking_uri)
     if state["parent_run_id"] and not _run_exists(mlflow, state["parent_run_id"]):
@@ -254,21 +168,12 @@ def run_sweep(
             _save_state(state_dir, state)
         logged = _finished_points(mlflow, state["parent_run_id"])
         if state["dense"] is None:
-            m = evaluate_now("dense")
-            state["dense"] = {
-                "method": "dense",
-                "pattern": "dense",
-                "target_sparsity": 0.0,
-                "quant": "none",
-                "sparsity": weight_sparsity(model, targets),
-                **m,
-                "model_bytes": dense_bytes,
-                "model_bytes_fp16": dense_bytes // 2,
-                "bits_per_weight": 32.0,
-            }
+            state["dense"], transcripts = ctx.dense(progress)
             _save_state(state_dir, state)
+        else:
+            transcripts = None
         if "dense" not in logged:
-            _log_point(mlflow, state["dense"], "dense", pending_transcripts.pop("dense", None))
+            _log_point(mlflow, state["dense"], "dense", transcripts)
         for i, point in enumerate(points):
             key = point_key(point)
             if key in state["points"]:
@@ -277,50 +182,9 @@ def run_sweep(
                     _log_point(mlflow, state["points"][key], key)
                 continue
             log.info("sweep point %d/%d: %s", i + 1, len(points), key)
-            model.load_state_dict(dense_state)  # quantization also rounds the other tensors
-            t0 = time.perf_counter()
-            if point["method"] != "dense":
-                prune_layers(
-                    model,
-                    targets,
-                    get_hessian,
-                    method=point["method"],
-                    sparsity=point["target_sparsity"],
-                    pattern=point["pattern"],
-                    progress=False,
-                    **p.prune.method_kwargs(),
-                )
-            prune_s = time.perf_counter() - t0
-            quant_results, quant_s = None, 0.0
-            spec = parse_scheme(point["quant"])
-            if spec is not None:
-                t1 = time.perf_counter()
-                quant_results, _ = quantize_layers(
-                    model,
-                    targets,
-                    get_hessian,
-                    spec,
-                    method=p.quant.method,
-                    rel_damp=p.prune.rel_damp,
-                    blocksize=p.prune.blocksize,
-                    other_dtype=p.quant.other_dtype,
-                    progress=False,
-                )
-                quant_s = time.perf_counter() - t1
-            m = evaluate_now(key)
-            nbytes = checkpoint_bytes(model, processor, targets, quant_results)
-            result = {
-                **point,
-                "sparsity": weight_sparsity(model, targets),
-                **m,
-                "prune_seconds": round(prune_s, 2),
-                "quant_seconds": round(quant_s, 2),
-                "model_bytes": nbytes,
-                "bits_per_weight": round(8 * nbytes / n_params, 3),
-            }
-            state["points"][key] = result
+            state["points"][key], transcripts = ctx.compute(point, progress)
             _save_state(state_dir, state)
-            _log_point(mlflow, result, key, pending_transcripts.pop(key, None))
+            _log_point(mlflow, state["points"][key], key, transcripts)
         summary = {
             "model_id": p.model.id,
             "num_utterances": len(data.utterances),
@@ -331,13 +195,51 @@ def run_sweep(
         }
         write_outputs(summary, out_dir)
         _log_parent(mlflow, summary, out_dir)
-    model.load_state_dict(dense_state)
+    ctx.restore()
     return summary
 
 
-def _keep(m: dict) -> dict:
-    keys = ("wer", "cer", "wer_raw", "num_utterances", "transcribe_seconds", "reference_words")
-    return {k: m[k] for k in keys if k in m}
+def aggregate_sweep(
+    p: Params, points_dir: str | Path, out_dir: str | Path = "metrics", *, name: str = "sweep"
+) -> dict:
+    """The DVC pipeline's sweep: gather the points its ``matrix`` stages computed (one folder
+    each under ``points_dir``), write sweep.json / sweep.csv / the plots, and log one MLflow
+    parent run with a nested run per point. Computes nothing: DVC's run cache decides which
+    points ran, so a queued experiment recomputes only the points its params change."""
+    found = read_points(points_dir)
+    wanted = [DENSE, *sweep_points(p)]
+    missing = [point_key(pt) for pt in wanted if point_key(pt) not in found]
+    if missing:
+        raise ArtifactError(
+            f"{points_dir}: no result for {', '.join(missing)}; run `dvc repro` (the points are "
+            "the stages named sweep-point@..., sweep-nm@..., sweep-dense@...)"
+        )
+    docs = {point_key(pt): found[point_key(pt)] for pt in wanted}
+    dense_doc = docs[point_key(DENSE)][0]
+    summary = {
+        "model_id": dense_doc["model_id"],
+        "num_utterances": dense_doc["result"]["num_utterances"],
+        "skipped_utterances": dense_doc["skipped_utterances"],
+        "dense": dense_doc["result"],
+        "points": [docs[point_key(pt)][0]["result"] for pt in wanted[1:]],
+    }
+    out_dir = Path(out_dir)
+    with tracking.run(
+        p.mlflow.experiment,
+        name,
+        tags={"stage": name, **tracking.provenance()},
+        configured_uri=p.mlflow.tracking_uri,
+    ) as mlflow:
+        mlflow.log_params(flatten(p.model_dump(include={"seed", "model", "sweep", "evaluate"})))
+        mlflow.log_params(flatten({"prune": p.prune.method_kwargs()}))
+        mlflow.log_param("num_eval_utterances", summary["num_utterances"])
+        summary["mlflow_run_id"] = mlflow.active_run().info.run_id
+        for key, (doc, folder) in docs.items():
+            label = "dense" if key == point_key(DENSE) else key
+            _log_point(mlflow, doc["result"], label, files=sorted(folder.glob("utterances_*.csv")))
+        write_outputs(summary, out_dir)
+        _log_parent(mlflow, summary, out_dir)
+    return summary
 
 
 def _run_exists(mlflow, run_id: str) -> bool:
@@ -363,7 +265,11 @@ def _finished_points(mlflow, parent_id: str) -> set[str]:
     return done
 
 
-def _log_point(mlflow, result: dict, key: str, transcripts: dict | None = None) -> None:
+def _log_point(
+    mlflow, result: dict, key: str, transcripts: dict | None = None, files: list[Path] = ()
+) -> None:
+    """A nested run per point: its params, scores, timings and per-clip transcripts (rows
+    in memory, or the CSV ``files`` a point stage wrote)."""
     step = round(100 * result["target_sparsity"])
     with mlflow.start_run(run_name=key, nested=True, tags={"stage": "sweep-point", "point": key}):
         mlflow.log_params(
@@ -380,6 +286,8 @@ def _log_point(mlflow, result: dict, key: str, transcripts: dict | None = None) 
                 path = Path(tmp) / f"utterances_{split}.csv"
                 write_rows_csv(path, rows)
                 mlflow.log_artifact(str(path))
+        for f in files:
+            mlflow.log_artifact(str(f))
         for k in ("prune_seconds", "quant_seconds"):
             if k in result:
                 mlflow.log_metric(k, result[k], step=step)

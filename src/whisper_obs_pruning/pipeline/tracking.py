@@ -123,15 +123,32 @@ def setup(experiment: str, configured_uri: str | None = None):
                     mlflow.create_experiment(experiment, artifacts)
                 else:
                     follow_moved_store(uri.removeprefix("sqlite:///"), artifacts)
-            exp = mlflow.set_experiment(experiment)
-            if exp.tags.get(EXPERIMENT_KIND_TAG) is None:
-                # Without it MLflow 3's UI opens the experiment in GenAI mode (traces, no runs).
-                mlflow.MlflowClient().set_experiment_tag(
-                    exp.experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development"
-                )
+            try:
+                exp = mlflow.set_experiment(experiment)
+            except Exception:  # noqa: BLE001 - another stage created it between get and create
+                if mlflow.get_experiment_by_name(experiment) is None:
+                    raise
+                exp = mlflow.set_experiment(experiment)
+            _set_experiment_kind(mlflow, exp)
     except Exception as exc:  # noqa: BLE001 - any store failure must say where and why
         raise TrackingError(f"cannot use MLflow store {uri}: {exc}") from exc
     return mlflow
+
+
+def _set_experiment_kind(mlflow, exp) -> None:
+    """Tag the experiment for classic ML: without it MLflow 3's UI opens it in GenAI mode
+    (traces, no runs). Two stages starting at once on a new server store may both try; the
+    loser's insert fails on the tag's unique key, which is fine once the tag is there."""
+    if exp.tags.get(EXPERIMENT_KIND_TAG) is not None:
+        return
+    client = mlflow.MlflowClient()
+    try:
+        client.set_experiment_tag(
+            exp.experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development"
+        )
+    except Exception:  # noqa: BLE001 - MlflowException or a store's IntegrityError
+        if client.get_experiment(exp.experiment_id).tags.get(EXPERIMENT_KIND_TAG) is None:
+            raise
 
 
 @contextlib.contextmanager
