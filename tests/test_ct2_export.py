@@ -37,3 +37,30 @@ def test_bad_quantization_and_non_model_dirs_are_refused(tmp_path):
     with pytest.raises(CT2ExportError, match="no config.json"):
         export_ct2(tmp_path, tmp_path / "o", "int8")
     assert not (tmp_path / "o").exists()
+
+
+def test_ct2_backend_scores_dense_and_pruned_models_like_torch(fresh_tiny, eval_utts):
+    """`evaluate.backend: ct2` is a speed change only (issue 17): on a dense and on a pruned
+    model (magnitude 70%, which loops until the token cap) the hypotheses, WER and CER equal
+    the torch decoder's, clip for clip."""
+    import torch
+
+    from whisper_obs_pruning.methods import prune_layer
+    from whisper_obs_pruning.speech.scoring import evaluate_model
+
+    model, processor = fresh_tiny
+    utts = eval_utts[:6]
+    for pruned in (False, True):
+        if pruned:
+            for mod in model.modules():
+                if isinstance(mod, torch.nn.Linear) and mod.weight.shape[0] != 51864:
+                    res = prune_layer(mod.weight.data, None, method="magnitude", sparsity=0.7)
+                    mod.weight.data = res.weight.to(mod.weight.dtype)
+        runs = {
+            b: evaluate_model(model, processor, utts, batch_size=3, progress=False, backend=b)
+            for b in ("torch", "ct2")
+        }
+        (m_t, rows_t), (m_c, rows_c) = runs["torch"], runs["ct2"]
+        assert [r["hypothesis"] for r in rows_c] == [r["hypothesis"] for r in rows_t], pruned
+        assert (m_c["wer"], m_c["cer"]) == (m_t["wer"], m_t["cer"])
+    assert m_t["wer"] > 0.5  # the pruned model really is degenerate: the caps were exercised

@@ -26,6 +26,7 @@ def evaluate_on(
         language=p.model.language,
         progress=progress,
         desc=desc,
+        backend=p.evaluate.backend,
     )
 
 

@@ -37,6 +37,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         language=args.language,
         progress=not args.no_progress,
+        backend=args.backend,
     )
     metrics["skipped_utterances"] = len(data.skipped)
     if args.out:
@@ -158,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=16)
     ev.add_argument("--language", default="en")
     ev.add_argument("--device", default="auto")
+    ev.add_argument(
+        "--backend",
+        choices=("torch", "ct2"),
+        default="torch",
+        help="decoder: ours (torch) or CTranslate2 float32 (same tokens, CPU only)",
+    )
     ev.add_argument("--out", help="write the metrics as JSON here")
     ev.add_argument("--utterances", help="write per-clip reference/hypothesis CSV here")
     ev.add_argument("--json", action="store_true", help="also print the metrics as JSON")

@@ -306,6 +306,9 @@ class PruneSpec(_Spec):
 
 class EvaluateSpec(_Spec):
     batch_size: PositiveInt = 16
+    # torch: our batched greedy decoder; ct2: CTranslate2 float32 on the model converted in
+    # memory (token-for-token the same, tests/test_ct2_export.py; less CPU per clip)
+    backend: Literal["torch", "ct2"] = "torch"
 
 
 def _scheme(value: object) -> str:

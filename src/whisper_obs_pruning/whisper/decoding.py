@@ -278,8 +278,15 @@ def transcribe(
     2-core machine two threads made steps 5-20x slower; on an idle one ~2x faster; tokens
     are identical either way); an int fixes it; ``None`` keeps the global setting. The
     options (``batch_size``, ``language``, ``task``, ``max_new_tokens``, ``progress``,
-    ``desc``, ``decoder_threads``) are :func:`transcribe_tokens`'s.
+    ``desc``, ``decoder_threads``) are :func:`transcribe_tokens`'s. ``backend="ct2"``
+    decodes with CTranslate2 float32 instead (the model converted in memory; same tokens).
     """
-    ids = transcribe_tokens(model, processor, audios, **options)
+    if options.pop("backend", "torch") == "ct2":
+        from .ct2_export import transcribe_tokens_ct2  # optional dependency, loaded on use
+
+        options.pop("decoder_threads", None)  # CT2 keeps its own thread pool
+        ids = transcribe_tokens_ct2(model, processor, audios, **options)
+    else:
+        ids = transcribe_tokens(model, processor, audios, **options)
     texts = processor.tokenizer.batch_decode(ids, skip_special_tokens=True)
     return [t.strip() for t in texts]
