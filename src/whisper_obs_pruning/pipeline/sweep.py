@@ -127,8 +127,8 @@ def run_sweep(
     (:func:`_config_key`: params, Hessians, decoded evaluation data, model, code). A relative
     path is taken from the user's repository (:func:`tracking.project_root`), also from inside
     a queued DVC experiment's temporary copy, so an experiment that adds sparsities computes
-    only the new points. It is not a DVC output: DVC's run cache cannot hold a stage with
-    uncached outputs, and the stage's real outputs (metrics in git) decide whether it runs.
+    only the new points. (The DVC pipeline does not use it: there every point is a stage and
+    DVC's run cache does this job; see :func:`aggregate_sweep`.)
     """
     out_dir, state_dir = Path(out_dir), Path(state_dir)
     if not state_dir.is_absolute():
@@ -161,9 +161,7 @@ def run_sweep(
     )
     with mlflow.start_run(**run_kwargs) as parent:
         if not state["parent_run_id"]:
-            mlflow.log_params(flatten(p.model_dump(include={"seed", "model", "sweep", "evaluate"})))
-            mlflow.log_params(flatten({"prune": p.prune.method_kwargs()}))
-            mlflow.log_param("num_eval_utterances", len(data.utterances))
+            _log_sweep_params(mlflow, p, len(data.utterances))
             state["parent_run_id"] = parent.info.run_id
             _save_state(state_dir, state)
         logged = _finished_points(mlflow, state["parent_run_id"])
@@ -230,9 +228,7 @@ def aggregate_sweep(
         tags={"stage": name, **tracking.provenance()},
         configured_uri=p.mlflow.tracking_uri,
     ) as mlflow:
-        mlflow.log_params(flatten(p.model_dump(include={"seed", "model", "sweep", "evaluate"})))
-        mlflow.log_params(flatten({"prune": p.prune.method_kwargs()}))
-        mlflow.log_param("num_eval_utterances", summary["num_utterances"])
+        _log_sweep_params(mlflow, p, summary["num_utterances"])
         summary["mlflow_run_id"] = mlflow.active_run().info.run_id
         for key, (doc, folder) in docs.items():
             label = "dense" if key == point_key(DENSE) else key
@@ -240,6 +236,13 @@ def aggregate_sweep(
         write_outputs(summary, out_dir)
         _log_parent(mlflow, summary, out_dir)
     return summary
+
+
+def _log_sweep_params(mlflow, p: Params, num_eval_utterances: int) -> None:
+    """The parent run's params: what every point of the sweep shares."""
+    mlflow.log_params(flatten(p.model_dump(include={"seed", "model", "sweep", "evaluate"})))
+    mlflow.log_params(flatten({"prune": p.prune.method_kwargs()}))
+    mlflow.log_param("num_eval_utterances", num_eval_utterances)
 
 
 def _run_exists(mlflow, run_id: str) -> bool:
