@@ -64,3 +64,25 @@ def test_ct2_backend_scores_dense_and_pruned_models_like_torch(fresh_tiny, eval_
         assert [r["hypothesis"] for r in rows_c] == [r["hypothesis"] for r in rows_t], pruned
         assert (m_c["wer"], m_c["cer"]) == (m_t["wer"], m_t["cer"])
     assert m_t["wer"] > 0.5  # the pruned model really is degenerate: the caps were exercised
+
+
+def test_converting_in_memory_leaves_the_model_as_it_was(fresh_tiny, eval_utts):
+    """CTranslate2's quantizing conversion rewrote the weights it was handed (a second int8
+    conversion of the same model decoded "He He He ..."): every type must leave the PyTorch
+    model bit for bit as it was, and two int8 exports of it must decode alike."""
+    import torch
+
+    from whisper_obs_pruning.whisper.ct2_export import CT2Whisper
+
+    model, processor = fresh_tiny
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    audios = [u.audio for u in eval_utts[:2]]
+    first = CT2Whisper(model, processor, quantization="int8", threads=1).tokens(audios)
+    for quantization in ("int8_float32", "float32"):
+        CT2Whisper(model, processor, quantization=quantization, threads=1)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    again = CT2Whisper(model, processor, quantization="int8", threads=1)
+    assert again.tokens(audios) == first
+    assert 30e6 < again.model_bytes < 50e6  # int8 weights: about a quarter of float32's 151 MB
+    assert len(set(first[0])) > 3  # real words, not a one-token loop

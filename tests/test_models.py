@@ -174,6 +174,23 @@ def test_transcribe_matches_hf_generate(converted_tiny, clips, tiny_tokens):
     assert transcribe_tokens(model, processor, clips[:4], batch_size=1, progress=False) == ref
 
 
+def test_encoder_thread_choice_changes_no_token(converted_tiny, clips, tiny_tokens):
+    """Issue 17: the encoder's thread count is chosen like the decoder's; a speed choice only,
+    so every setting gives the same tokens (and the global setting is restored)."""
+    import torch
+
+    model, processor = converted_tiny
+    threads = torch.get_num_threads()
+    for enc in (1, 2, "auto", None):
+        out = transcribe_tokens(
+            model, processor, clips[:4], batch_size=1, progress=False, encoder_threads=enc
+        )
+        assert out == tiny_tokens[:4], enc
+        assert torch.get_num_threads() == threads
+    with pytest.raises(ValueError, match="encoder_threads must be"):
+        transcribe_tokens(model, processor, clips[:1], progress=False, encoder_threads="x")
+
+
 def test_token_cap_bounds_output(converted_tiny, clips):
     assert default_token_cap(5.0, prompt_len=2, max_target_positions=448) == 56  # ceil(8 * 5) + 16
     assert default_token_cap(29.9, prompt_len=4, max_target_positions=448) == 256

@@ -395,3 +395,49 @@ def test_act_order_with_mask_and_groups():
     assert bool((res.weight[mask] == 0).all())
     assert int((res.weight != 0).sum()) <= int((~mask).sum())
     assert res.info["loss"] < quantize_rtn(Wp, "int4-g32-asym", H=H, mask=mask).info["loss"]
+
+
+def test_tied_embedding_is_quantized_once_through_proj_out(tmp_path):
+    """quant.embedding: the token embedding (Whisper's largest tensor) is quantized as
+    ``proj_out`` with its own scheme; the tied embedding reads the same codes, is stored once,
+    and the checkpoint is smaller than with a float16 embedding."""
+    from whisper_obs_pruning.quant.apply import embedding_layer, quantize_layers
+    from whisper_obs_pruning.quant.checkpoint import checkpoint_summary
+
+    sizes = {}
+    for emb in (None, "int4-g32"):
+        model = small_whisper()
+        assert embedding_layer(model) == "proj_out"
+        names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+        targets = [n for n in names if n != "proj_out"]
+        g = torch.Generator().manual_seed(1)
+        hess = {}
+        for n in names:
+            X = torch.randn(300, dict(model.named_modules())[n].in_features, generator=g)
+            hess[n] = 2 / 300 * X.T @ X
+        results, _ = quantize_layers(
+            model, targets, hess.__getitem__, parse_scheme("int8"), progress=False,
+            layer_specs={"proj_out": parse_scheme(emb)} if emb else None,
+        )  # fmt: skip
+        assert ("proj_out" in results) == (emb is not None)
+        emb_w = model.model.decoder.embed_tokens.weight
+        assert emb_w.data_ptr() == model.proj_out.weight.data_ptr()  # still tied
+        if emb:
+            assert results["proj_out"].spec == parse_scheme(emb)
+            assert torch.equal(emb_w, results["proj_out"].weight)  # exactly the grid's values
+        save_quantized(model, results, tmp_path / str(emb))
+        loaded = load_quantized(tmp_path / str(emb))
+        assert torch.equal(loaded.model.decoder.embed_tokens.weight, emb_w)
+        cfg = json.loads((tmp_path / str(emb) / CONFIG_NAME).read_text())
+        assert len(cfg["aliases"]) == 1  # the embedding and proj_out: one tensor on disk
+        sizes[emb] = checkpoint_summary(tmp_path / str(emb))["weights_bytes"]
+    # 300 x 64 embedding: fp16 38,400 bytes -> int4 9,600 + scales 1,200
+    assert sizes[None] - sizes["int4-g32"] > 25_000
+
+
+def test_untied_output_projection_has_no_embedding_layer():
+    from whisper_obs_pruning.quant.apply import embedding_layer
+
+    model = small_whisper()
+    model.proj_out.weight = torch.nn.Parameter(model.proj_out.weight.detach().clone())
+    assert embedding_layer(model) is None

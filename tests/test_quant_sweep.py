@@ -17,6 +17,18 @@ def test_bad_scheme_names_the_key():
         Params().updated({"sweep.quant": ["int9"]})
     with pytest.raises(ParamsError, match=r"quant.method = 'obq' is not allowed"):
         Params().updated({"quant.method": "obq"})
+    with pytest.raises(
+        ParamsError, match=r"sweep.quant\[\]: unknown CTranslate2 scheme 'ct2-int3'"
+    ):
+        Params().updated({"sweep.quant": ["ct2-int3"]})
+    with pytest.raises(ParamsError, match=r"quant.embedding: 'ct2-int8': a CTranslate2 export"):
+        Params().updated({"quant.embedding": "ct2-int8"})
+    with pytest.raises(ParamsError, match=r"quant.embedding: unknown quantization scheme"):
+        Params().updated({"quant.embedding": "int4-x"})
+    with pytest.raises(ParamsError, match=r"frontier.latency_clips = -1 must be an integer >= 0"):
+        Params().updated({"frontier.latency_clips": -1})
+    p = Params().updated({"sweep.quant": ["none", "CT2-int8"], "quant.embedding": "int8"})
+    assert p.sweep.quant == ["none", "ct2-int8"] and p.quant.embedding == "int8"
 
 
 @pytest.mark.slow  # ~3 min; test_pipeline's frontier covers the same path on a smaller grid

@@ -15,9 +15,17 @@ from .params import Params
 
 
 def evaluate_on(
-    p: Params, model, processor, utterances, *, progress: bool = True, desc: str = "evaluate"
+    p: Params,
+    model,
+    processor,
+    utterances,
+    *,
+    progress: bool = True,
+    desc: str = "evaluate",
+    ct2_quantization: str | None = None,
 ) -> tuple[dict, list]:
-    """WER/CER of ``model`` on ``utterances`` with the params' batch size and language."""
+    """WER/CER of ``model`` on ``utterances`` with the params' batch size, language and
+    backend; ``ct2_quantization`` (e.g. ``int8``): score its CTranslate2 export at that type."""
     return evaluate_model(
         model,
         processor,
@@ -26,7 +34,8 @@ def evaluate_on(
         language=p.model.language,
         progress=progress,
         desc=desc,
-        backend=p.evaluate.backend,
+        backend="ct2" if ct2_quantization else p.evaluate.backend,
+        ct2_quantization=ct2_quantization or "float32",
     )
 
 

@@ -147,6 +147,12 @@ def _text(value: object) -> str:
     return value
 
 
+def _count(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _bad("must be an integer >= 0", value)
+    return value
+
+
 def _seed(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**32:
         raise _bad("must be an integer in [0, 2**32)", value)
@@ -164,6 +170,7 @@ def _name_list(value: object) -> list[str] | None:
 Sparsity = Annotated[float, BeforeValidator(_sparsity)]
 PositiveInt = Annotated[int, BeforeValidator(_positive_int)]
 OptionalPositiveInt = Annotated[int | None, BeforeValidator(_optional_positive_int)]
+NonNegativeInt = Annotated[int, BeforeValidator(_count)]
 NonNegative = Annotated[float, BeforeValidator(_non_negative)]
 Text = Annotated[str, BeforeValidator(_text)]
 MethodName = Annotated[str, BeforeValidator(_method)]
@@ -311,16 +318,25 @@ class EvaluateSpec(_Spec):
     backend: Literal["torch", "ct2"] = "torch"
 
 
-def _scheme(value: object) -> str:
+def _scheme(value: object, *, ct2: bool = True, same: bool = False) -> str:
     from ..quant.grid import QuantError, parse_scheme
+    from ..whisper.ct2_export import CT2ExportError, ct2_quantization
 
+    examples = "'int8', 'int4-g128', 'int4-g64-asym'" + (", 'ct2-int8'" if ct2 else "")
     if not isinstance(value, str):
-        raise _bad("must be 'none' or a scheme such as 'int8', 'int4-g128', 'int4-g64-asym'", value)
+        raise _bad(f"must be 'none' or a scheme such as {examples}", value)
+    text = value.strip().lower()
+    if same and text == "same":
+        return text
     try:
-        parse_scheme(value)
-    except QuantError as exc:
+        if ct2_quantization(text) is not None:
+            if not ct2:
+                raise QuantError(f"{value!r}: a CTranslate2 export is a sweep point, not a layer")
+            return text
+        parse_scheme(text)
+    except (QuantError, CT2ExportError) as exc:
         raise PydanticCustomError("whisper_obs", ": {msg}", {"msg": str(exc)}) from None
-    return value.strip().lower()
+    return text
 
 
 def _quantizer(value: object) -> str:
@@ -338,6 +354,9 @@ class QuantSection(_Spec):
     other_dtype: Literal["float16", "float32"] = (
         "float16"  # non-quantized tensors in the checkpoint
     )
+    # the token embedding (tied to proj_out): a scheme of its own (GPTQ through proj_out's
+    # Hessian) | same (the point's scheme) | none (other_dtype)
+    embedding: Annotated[str, BeforeValidator(lambda v: _scheme(v, ct2=False, same=True))] = "int6"
 
 
 class SweepSpec(_Spec):
@@ -353,6 +372,7 @@ class SweepSpec(_Spec):
     ]
     quant: Annotated[list[Annotated[str, BeforeValidator(_scheme)]], Field(min_length=1)] = ["none"]
     extra_splits: bool = False  # also score every point on data.extra_evaluation
+    latency_clips: NonNegativeInt = 0  # clips timed per point against dense PyTorch (0: none)
 
 
 class MlflowSpec(_Spec):
@@ -374,11 +394,12 @@ class Params(_Spec):
     evaluate: EvaluateSpec = EvaluateSpec()
     sweep: SweepSpec = SweepSpec()
     frontier: SweepSpec = SweepSpec(
-        methods=["sparsegpt", "obs"],
+        methods=["obs"],
         sparsities=[0.5],
         patterns=[],
-        quant=["none", "int8", "int4-g128"],
+        quant=["none", "int8", "int4-g128", "ct2-int8"],
         extra_splits=True,
+        latency_clips=12,
     )
     quant: QuantSection = QuantSection()
     mlflow: MlflowSpec = MlflowSpec()

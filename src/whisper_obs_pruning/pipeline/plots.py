@@ -1,4 +1,4 @@
-"""The sweep's figures: WER against sparsity (per method) and WER against checkpoint size."""
+"""The sweep's figures: WER against sparsity (per method), checkpoint size and CPU latency."""
 
 from __future__ import annotations
 
@@ -98,61 +98,92 @@ def plot_sparsity(summary: dict, path: Path) -> None:
 
 
 def plot_size(summary: dict, path: Path) -> None:
-    """WER against the compressed checkpoint's MB: every point, the dense fp32 / fp16 references.
+    """WER against the compressed checkpoint's MB: every point, the dense fp32 / fp16 references,
+    one panel per evaluation split (the embedded one, then e.g. ``real``).
 
     The frontier users decide on: the lower left is better. A marker per method, a colour per
-    quantization scheme; values above the axis are written at the edge.
+    quantization scheme (``ct2-int8``: the CTranslate2 export, its ``model.bin``).
     """
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     dense = summary["dense"]
-    mb = 1e6
-    ref = 100 * dense["wer"]
-    ax.axhline(ref, color="black", ls="--", lw=1, label=f"dense WER ({ref:.1f}%)")
-    for nbytes, label in (
-        (dense.get("model_bytes"), "fp32"),
-        (dense.get("model_bytes_fp16"), "fp16"),
-    ):
-        if nbytes:
-            ax.axvline(nbytes / mb, color="gray", ls=":", lw=1)
-            ax.annotate(
-                f"dense {label}",
-                (nbytes / mb, 0),
-                rotation=90,
-                fontsize=7,
-                color="gray",
-                xytext=(2, 2),
-                textcoords="offset points",
-            )
+    refs = [(dense.get(k), f"dense {name}") for k, name in (("model_bytes", "fp32"),
+                                                            ("model_bytes_fp16", "fp16"))]  # fmt: skip
+    _plot_frontier(
+        summary,
+        path,
+        lambda pt: pt["model_bytes"] / 1e6 if pt.get("model_bytes") else None,
+        [(v / 1e6, label) for v, label in refs if v],
+        "compressed checkpoint (MB, weights file)",
+        "WER vs checkpoint size",
+    )
+
+
+def plot_latency(summary: dict, path: Path) -> bool:
+    """WER against CPU seconds per clip (one thread, batch 1); False (nothing drawn) when the
+    grid timed no point.
+
+    Every point was timed side by side with dense PyTorch in its own process, at its own
+    moment of a shared machine's load, so x is the dense model's time divided by the point's
+    paired speed-up (``whisper/latency.py``), not its raw seconds from another moment."""
+    dense = summary["dense"]
+    base = dense.get("latency_seconds_per_clip")
+    if base is None:
+        return False
+    _plot_frontier(
+        summary,
+        path,
+        lambda pt: base / pt["speedup"] if pt.get("speedup") else None,
+        [(base, "dense PyTorch")],
+        "CPU seconds per clip (1 thread, batch 1): dense time / measured speed-up",
+        "WER vs latency",
+    )
+    return True
+
+
+def _plot_frontier(summary: dict, path: Path, x_of, refs, xlabel: str, what: str) -> None:
+    """A panel per evaluation split of WER against ``x_of(point)``: dense WER dashed, the
+    ``refs`` as labelled vertical lines, a marker per method, a colour per quantization."""
+    plt = _pyplot()
+    dense = summary["dense"]
+    splits = [("wer", f"{summary['num_utterances']} utts")] + [
+        (f"wer_{k.removeprefix('num_utterances_')}", f"{k.removeprefix('num_utterances_')}, "
+         f"{dense[k]} utts")
+        for k in dense
+        if k.startswith("num_utterances_")
+    ]  # fmt: skip
+    fig, axes = plt.subplots(1, len(splits), figsize=(7 * len(splits), 4.5), dpi=120, squeeze=False)
     quants = list(dict.fromkeys(pt.get("quant", "none") for pt in summary["points"]))
     methods = list(dict.fromkeys(pt["method"] for pt in summary["points"]))
     markers = "osD^v<>P*X"
-    top = max(100.0, ref * 4)
-    for pt in summary["points"]:
-        if not pt.get("model_bytes"):
-            continue
-        q = pt.get("quant", "none")
-        m = pt["method"]
-        y = min(100 * pt["wer"], top)
-        ax.scatter(
-            pt["model_bytes"] / mb,
-            y,
-            marker=markers[methods.index(m) % len(markers)],
-            color=f"C{quants.index(q)}",
-            s=36,
-            label=f"{m} / {q}",
-        )
-    handles, labels = ax.get_legend_handles_labels()
-    uniq = dict(zip(labels, handles, strict=True))
-    ax.legend(uniq.values(), uniq.keys(), fontsize=7, ncol=2, loc="upper right")
-    ax.set_ylim(0, top * 1.05)
-    ax.set_xlim(left=0)
-    ax.set_xlabel("compressed checkpoint (MB, weights file)")
-    ax.set_ylabel("WER (%)")
-    ax.set_title(
-        f"{summary['model_id']}: WER vs checkpoint size ({summary['num_utterances']} utts)"
-    )
-    ax.grid(alpha=0.3)
+    for ax, (key, split) in zip(axes[0], splits, strict=True):
+        ref = 100 * dense[key]
+        ax.axhline(ref, color="black", ls="--", lw=1, label=f"dense WER ({ref:.1f}%)")
+        for x, label in refs:
+            ax.axvline(x, color="gray", ls=":", lw=1)
+            ax.annotate(label, (x, 0), rotation=90, fontsize=7, color="gray", xytext=(2, 2),
+                        textcoords="offset points")  # fmt: skip
+        top = max(100.0, ref * 4)
+        for pt in summary["points"]:
+            x = x_of(pt)
+            if x is None or key not in pt:
+                continue
+            q = pt.get("quant", "none")
+            ax.scatter(
+                x,
+                min(100 * pt[key], top),
+                marker=markers[methods.index(pt["method"]) % len(markers)],
+                color=f"C{quants.index(q)}",
+                s=36,
+                label=f"{pt['method']} / {q}",
+            )
+        handles, labels = ax.get_legend_handles_labels()
+        uniq = dict(zip(labels, handles, strict=True))
+        ax.legend(uniq.values(), uniq.keys(), fontsize=7, ncol=2, loc="upper right")
+        ax.set_ylim(0, top * 1.05)
+        ax.set_xlim(left=0)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("WER (%)")
+        ax.set_title(f"{summary['model_id']}: {what} ({split})")
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")

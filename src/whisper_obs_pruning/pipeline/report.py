@@ -28,9 +28,8 @@ def main(metrics_dir: str = "metrics") -> int:
             f"target {100 * ev['target_sparsity']:.0f}%): WER {100 * ev['wer']:.2f}%, "
             f"CER {100 * ev['cer']:.2f}%, measured sparsity {100 * ev['sparsity']:.2f}%"
         )
-    print(
-        f"\nplots:    {Path(metrics_dir) / 'sparsity_wer.png'}, {Path(metrics_dir) / 'size_wer.png'}"
-    )
+    plots = [Path(metrics_dir) / f for f in ("sparsity_wer.png", "size_wer.png", "latency_wer.png")]
+    print(f"\nplots:    {', '.join(str(f) for f in plots if f.is_file())}")
     print(f"table:    {Path(metrics_dir) / 'sweep.csv'} (and sweep.json)")
     print(
         "MLflow:   make ui  ->  http://127.0.0.1:5000 (experiment 'whisper-obs', sweep run "

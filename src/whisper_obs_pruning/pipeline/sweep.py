@@ -25,7 +25,7 @@ from ..speech.scoring import write_rows_csv
 from . import tracking
 from .common import fingerprint
 from .params import Params, flatten
-from .plots import plot_size, plot_sparsity
+from .plots import plot_latency, plot_size, plot_sparsity
 from .point import DENSE, PointContext, point_key, read_points, sweep_points
 
 log = logging.getLogger(__name__)
@@ -278,7 +278,10 @@ def _log_point(
         mlflow.log_params(
             {k: result.get(k, "none") for k in ("method", "pattern", "target_sparsity", "quant")}
         )
-        keys = ("wer", "cer", "sparsity", "wer_raw", "model_bytes", "bits_per_weight")
+        keys = (
+            *("wer", "cer", "sparsity", "wer_raw", "model_bytes", "bits_per_weight"),
+            *("params_millions", "speedup", "latency_seconds_per_clip"),
+        )
         split_keys = [k for k in result if k.startswith(("wer_", "cer_")) and k != "wer_raw"]
         mlflow.log_metrics(
             {k: float(result[k]) for k in (*keys, *split_keys) if result.get(k) is not None},
@@ -349,8 +352,10 @@ def _log_parent(mlflow, summary: dict, out_dir: Path) -> None:
             f"WER against sparsity, every method in one chart: [open the chart](#{route}) "
             "(x: target sparsity %, step 0 = the dense model).",
         )
-    for f in ("sweep.json", "sweep.csv", "sweep_wer.json", "sparsity_wer.png", "size_wer.png"):
-        mlflow.log_artifact(str(out_dir / f))
+    for f in ("sweep.json", "sweep.csv", "sweep_wer.json", "sparsity_wer.png", "size_wer.png",
+              "latency_wer.png"):  # fmt: skip
+        if (out_dir / f).is_file():
+            mlflow.log_artifact(str(out_dir / f))
 
 
 # ------------------------------------------------------------------ outputs
@@ -378,6 +383,7 @@ def write_outputs(summary: dict, out_dir: Path) -> None:
         out_dir / "sparsity_wer.png",
     )
     plot_size(summary, out_dir / "size_wer.png")
+    plot_latency(summary, out_dir / "latency_wer.png")  # grids with latency_clips > 0
 
 
 def _scores(pt: dict) -> dict:
@@ -474,19 +480,36 @@ def format_table(summary: dict) -> str:
             f"dense model: {100 * d[f'wer_{name}']:.2f}%",
         )
     if any(pt.get("quant", "none") != "none" for pt in summary["points"]):
-        lines += ["", "checkpoint size (weights file) and WER:"]
-        lines.append(f"{'point':>28}  {'WER %':>6}  {'MB':>6}  {'bits/w':>6}")
-        d = summary["dense"]
-        for pt in [d, *summary["points"]]:
-            label = "dense fp32" if pt is d else f"{_row_label(pt)} {pt['pattern']}"
-            if pt is not d and pt["pattern"] == "unstructured":
-                label = f"{_row_label(pt)} {100 * pt['target_sparsity']:.0f}%"
-            if pt.get("model_bytes"):
-                lines.append(
-                    f"{label:>28}  {100 * pt['wer']:6.2f}  {pt['model_bytes'] / 1e6:6.1f}  "
-                    f"{pt['bits_per_weight']:6.2f}"
-                )
+        lines += ["", *size_lines(summary)]
     return "\n".join(lines)
+
+
+def size_lines(summary: dict) -> list[str]:
+    """Checkpoint MB, WER on every split, and the measured speed-up over dense PyTorch (side
+    by side, one thread; ``-`` where the grid measured none), a row per point."""
+    d = summary["dense"]
+    splits = extra_splits(summary)
+    head = f"{'point':>28}  {'WER %':>6}" + "".join(f"  {'WER ' + n:>8}" for n in splits)
+    lines = [
+        "checkpoint size (weights file; CTranslate2: model.bin), WER, CPU speed-up vs dense "
+        "PyTorch:",
+        head + f"  {'MB':>6}  {'bits/w':>6}  {'speedup':>7}",
+    ]
+    for pt in [d, *summary["points"]]:
+        if not pt.get("model_bytes"):
+            continue
+        label = "dense fp32" if pt is d else f"{_row_label(pt)} {pt['pattern']}"
+        if pt is not d and pt["pattern"] == "unstructured":
+            label = f"{_row_label(pt)} {100 * pt['target_sparsity']:.0f}%"
+        extra = "".join(
+            f"  {100 * pt[f'wer_{n}']:8.2f}" if f"wer_{n}" in pt else f"  {'-':>8}" for n in splits
+        )
+        speed = f"{pt['speedup']:6.2f}x" if "speedup" in pt else f"{'-':>7}"
+        lines.append(
+            f"{label:>28}  {100 * pt['wer']:6.2f}{extra}  {pt['model_bytes'] / 1e6:6.1f}  "
+            f"{pt['bits_per_weight']:6.2f}  {speed}"
+        )
+    return lines
 
 
 def load_summary(path: str | Path = "metrics/sweep.json") -> dict:

@@ -252,9 +252,11 @@ def round_unquantized_(
     bit for bit, also with ``other_dtype="float16"``."""
     odt = _DTYPES[other_dtype]
     qkeys = {f"{n.removesuffix('.weight')}.weight" for n in results}
+    state = model.state_dict()
+    quantized = {state[k].data_ptr() for k in qkeys if k in state}  # and what is tied to them
     with torch.no_grad():
-        for key, t in model.state_dict().items():
-            if key not in qkeys and t.is_floating_point():
+        for key, t in state.items():
+            if key not in qkeys and t.is_floating_point() and t.data_ptr() not in quantized:
                 t.copy_(t.to(odt).to(t.dtype))
     return model
 

@@ -10,6 +10,7 @@ tokens, so it is asked for twice the per-clip cap and the result is cut to the c
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -114,6 +115,10 @@ def convert_in_memory(model, processor, out_dir: str | Path, quantization: str =
     CTranslate2's converter reads the config from a folder and then loads the model; the
     folder here holds only ``config.json`` and ``load_model`` returns ``model`` itself, so a
     sweep point is converted in ~1 s instead of a save + reload of the whole checkpoint.
+
+    Pitfall: a quantizing conversion (``int8``...) rewrites the weights it was given in place
+    (measured: a second conversion of the same model decoded "He He He ..."), so the
+    converter gets a copy then; ``float32`` only reads them and gets the model itself.
     """
     try:
         import ctranslate2
@@ -124,22 +129,118 @@ def convert_in_memory(model, processor, out_dir: str | Path, quantization: str =
             f"CT2 quantization {quantization!r} is not one of {', '.join(QUANTIZATIONS)}"
         )
 
+    source = model if quantization == "float32" else copy.deepcopy(model)
+
     class _Loaded(ctranslate2.converters.TransformersConverter):
         def load_model(self, model_class, model_name_or_path, **kwargs):
-            return model
+            return source
 
         def load_tokenizer(self, tokenizer_class, model_name_or_path, **kwargs):
             return processor.tokenizer
 
+    import tempfile
+
     out_dir = Path(out_dir)
-    cfg_dir = out_dir.with_name(out_dir.name + ".config")
-    cfg_dir.mkdir(parents=True, exist_ok=True)
-    model.config.save_pretrained(str(cfg_dir))
-    try:
-        _Loaded(str(cfg_dir)).convert(str(out_dir), quantization=quantization, force=True)
-    except (ValueError, RuntimeError, OSError) as exc:
-        raise CT2ExportError(f"CTranslate2 could not convert the model: {exc}") from exc
+    with tempfile.TemporaryDirectory(prefix="whisper-obs-ct2-config-") as cfg_dir:
+        model.config.save_pretrained(cfg_dir)
+        try:
+            _Loaded(cfg_dir).convert(str(out_dir), quantization=quantization, force=True)
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise CT2ExportError(f"CTranslate2 could not convert the model: {exc}") from exc
     return out_dir
+
+
+def ct2_quantization(scheme: str) -> str | None:
+    """``"ct2-int8"`` -> ``"int8"`` (a sweep point exported to CTranslate2 at that weight type);
+    None for any other scheme name. Raises CT2ExportError for an unknown CT2 type."""
+    text = scheme.strip().lower()
+    if not text.startswith("ct2-"):
+        return None
+    quantization = text.removeprefix("ct2-")
+    if quantization not in QUANTIZATIONS:
+        raise CT2ExportError(
+            f"unknown CTranslate2 scheme {scheme!r}: expected ct2-<type>, <type> one of "
+            f"{', '.join(QUANTIZATIONS)}"
+        )
+    return quantization
+
+
+class CT2Whisper:
+    """A loaded (e.g. just pruned) model converted in memory to CTranslate2 and loaded there,
+    decoding the same problem as our PyTorch decoder (prompt, features, per-clip caps, greedy).
+
+    ``model_bytes`` is the size of the export's ``model.bin``: what a faster-whisper user ships.
+    The converted folder is deleted once CT2 has loaded it, unless ``keep`` names where to
+    write it (with the processor files: a folder ``faster_whisper.WhisperModel`` loads).
+    """
+
+    def __init__(
+        self,
+        model,
+        processor,
+        *,
+        quantization: str = "float32",
+        threads: int | None = None,
+        language: str | None = "en",
+        task: str = "transcribe",
+        keep: str | Path | None = None,
+    ) -> None:
+        import contextlib
+        import tempfile
+
+        import torch
+
+        from .decoding import DecodeSetup
+
+        if model.device.type != "cpu":
+            raise CT2ExportError(
+                f"the ct2 evaluation backend runs on the CPU; the model is on {model.device} "
+                "(use evaluate.backend: torch there)"
+            )
+        self.processor = processor
+        self.setup = DecodeSetup.of(model, processor, language=language, task=task)
+        self.quantization = quantization
+        with (
+            contextlib.nullcontext(None) if keep else tempfile.TemporaryDirectory(
+                prefix="whisper-obs-ct2-")
+        ) as tmp:  # fmt: skip
+            path = convert_in_memory(
+                model, processor, Path(keep) if keep else Path(tmp) / "model", quantization
+            )
+            if keep:  # a faster-whisper model folder: the tokenizer and feature config beside
+                processor.save_pretrained(str(path))
+                # faster-whisper reads preprocessor_config.json (transformers now writes the
+                # combined processor_config.json): the feature extractor's own file too
+                processor.feature_extractor.save_pretrained(str(path))
+            import ctranslate2  # present: convert_in_memory checked it
+
+            self.model_bytes = (path / "model.bin").stat().st_size
+            self.whisper = ctranslate2.models.Whisper(
+                str(path), device="cpu", intra_threads=threads or torch.get_num_threads()
+            )
+
+    def tokens(
+        self,
+        audios: Sequence[np.ndarray],
+        *,
+        batch_size: int = 16,
+        progress: bool = False,
+        desc: str = "transcribe (ct2)",
+    ) -> list[list[int]]:
+        """Greedy token ids per clip (prompt and eot excluded)."""
+        from tqdm.auto import tqdm
+
+        from .decoding import log_mel_features
+
+        out: list[list[int]] = []
+        with tqdm(total=len(audios), desc=desc, unit="clip", disable=not progress) as bar:
+            for s in range(0, len(audios), batch_size):
+                batch = list(audios[s : s + batch_size])
+                feats = log_mel_features(self.processor, batch).numpy()
+                caps = self.setup.caps(batch)
+                out += _greedy(self.whisper, feats, self.setup.prompt, caps, self.setup.eot)
+                bar.update(len(batch))
+        return out
 
 
 def transcribe_tokens_ct2(
@@ -156,37 +257,7 @@ def transcribe_tokens_ct2(
 ) -> list[list[int]]:
     """:func:`..decoding.transcribe_tokens` with CTranslate2 doing the work: the same prompt,
     features, per-clip token caps and greedy search (float32: the same tokens, checked in
-    ``tests/test_ct2_export.py``), at a lower CPU cost per clip."""
-    import tempfile
-
-    import ctranslate2
-    import torch
-    from tqdm.auto import tqdm
-
-    from .decoding import default_token_cap, log_mel_features
-    from .prompt import decoder_prompt_ids
-
-    if model.device.type != "cpu":
-        raise CT2ExportError(
-            f"the ct2 evaluation backend runs on the CPU; the model is on {model.device} "
-            "(use evaluate.backend: torch there)"
-        )
-    prompt = decoder_prompt_ids(model, processor, language=language, task=task)
-    max_pos = int(model.config.max_target_positions)
-    rate = processor.feature_extractor.sampling_rate
-    eot = model.generation_config.eos_token_id
-    eot = int(eot[0] if isinstance(eot, (list, tuple)) else eot)
-    out: list[list[int]] = []
-    with tempfile.TemporaryDirectory(prefix="whisper-obs-ct2-") as tmp:
-        ct2_dir = convert_in_memory(model, processor, Path(tmp) / "model", quantization)
-        whisper = ctranslate2.models.Whisper(
-            str(ct2_dir), device="cpu", intra_threads=torch.get_num_threads()
-        )
-        with tqdm(total=len(audios), desc=desc, unit="clip", disable=not progress) as bar:
-            for s in range(0, len(audios), batch_size):
-                batch = list(audios[s : s + batch_size])
-                caps = [default_token_cap(len(a) / rate, len(prompt), max_pos) for a in batch]
-                feats = log_mel_features(processor, batch).numpy()
-                out += _greedy(whisper, feats, prompt, caps, eot)
-                bar.update(len(batch))
-    return out
+    ``tests/test_ct2_export.py``), at a lower CPU cost per clip; other ``quantization``
+    values score the export a faster-whisper user would run (e.g. ``int8``)."""
+    ct2 = CT2Whisper(model, processor, quantization=quantization, language=language, task=task)
+    return ct2.tokens(audios, batch_size=batch_size, progress=progress, desc=desc)
