@@ -6,6 +6,10 @@ in one process. Writes metrics/bench/ablation.json and prints a table.
 
     python bench/bench_ablation.py                       # the default grid (~15 min on 2 cores)
     python bench/bench_ablation.py --variants sparsegpt:unstructured:0.5:0.01:excl:uniform:96
+
+Calibration clips: ``96`` = the first 96 of the synthetic (TTS) calibration split, ``real96``
+= of the recorded-speech one (``data/real/calibration``), ``both96`` = 96 of each (issue 12's
+calibration-source ablation: ``--real`` scores every row on both evaluation splits).
 """
 
 from __future__ import annotations
@@ -62,7 +66,12 @@ def parse_variant(text: str) -> dict:
         "rel_damp": float(damp),
         "padding": padding,
         "allocation": allocation,
-        "clips": int(clips),
+        "clips": int(clips.removeprefix("real").removeprefix("both")),
+        "source": "real"
+        if clips.startswith("real")
+        else "both"
+        if clips.startswith("both")
+        else "tts",
         "sequential": "seq" in flags,
         "obs_rows": "global" if "grows" in flags else "uniform",
         "name": text,
@@ -85,7 +94,17 @@ def main() -> None:
     torch.manual_seed(0)
     variants = [parse_variant(v) for v in args.variants]
     model, processor = load_whisper(args.model, device=args.device)
-    calib = load_utterances("embedded", "calibration").utterances
+    calib_sets = {
+        "tts": load_utterances("embedded", "calibration").utterances,
+        "real": load_utterances("embedded", "real/calibration").utterances,
+    }
+
+    def calib(source: str, n: int) -> list:
+        """The first ``n`` calibration clips of a source (``both``: ``n`` of each)."""
+        if source == "both":
+            return calib_sets["tts"][:n] + calib_sets["real"][:n]
+        return calib_sets[source][:n]
+
     evals = load_utterances("embedded", "evaluation", limit=args.eval_limit).utterances
     real = load_utterances("embedded", "real/evaluation", limit=args.real_limit).utterances
     real = real if args.real or args.real_only else []
@@ -105,13 +124,14 @@ def main() -> None:
     targets = select_targets(list(layers))
     prompt = decoder_prompt_ids(model, processor)
     hessians: dict[tuple, dict[str, torch.Tensor]] = {}
-    for key in sorted({(v["padding"], v["clips"]) for v in variants if not v["sequential"]}):
+    keys = {(v["padding"], v["clips"], v["source"]) for v in variants if not v["sequential"]}
+    for key in sorted(keys):
         t0 = time.perf_counter()
         with HessianCollector(layers) as col:
             run_calibration(
                 model,
                 processor,
-                calib[: key[1]],
+                calib(key[2], key[1]),
                 col,
                 prompt,
                 exclude_padding=key[0] == "excl",
@@ -132,7 +152,7 @@ def main() -> None:
             prune_sequential(
                 model,
                 processor,
-                calib[: v["clips"]],
+                calib(v["source"], v["clips"]),
                 targets,
                 prompt,
                 method=v["method"],
@@ -147,7 +167,7 @@ def main() -> None:
             prune_layers(
                 model,
                 targets,
-                hessians[(v["padding"], v["clips"])].__getitem__,
+                hessians[(v["padding"], v["clips"], v["source"])].__getitem__,
                 method=v["method"],
                 sparsity=v["sparsity"],
                 pattern=v["pattern"],
