@@ -161,7 +161,9 @@ def _plot_frontier(summary: dict, path: Path, x_of, refs, xlabel: str, what: str
             ax.axvline(x, color="gray", ls=":", lw=1)
             ax.annotate(label, (x, 0), rotation=90, fontsize=7, color="gray", xytext=(2, 2),
                         textcoords="offset points")  # fmt: skip
-        top = max(100.0, ref * 4)
+        # zoom on the points (a broken one, far above, is drawn at the edge)
+        shown = [100 * pt[key] for pt in summary["points"] if key in pt and x_of(pt) is not None]
+        top = min(max([2 * ref, *(1.15 * w for w in shown)]), max(100.0, 4 * ref))
         for pt in summary["points"]:
             x = x_of(pt)
             if x is None or key not in pt:
@@ -179,7 +181,8 @@ def _plot_frontier(summary: dict, path: Path, x_of, refs, xlabel: str, what: str
         uniq = dict(zip(labels, handles, strict=True))
         ax.legend(uniq.values(), uniq.keys(), fontsize=7, ncol=2, loc="upper right")
         ax.set_ylim(0, top * 1.05)
-        ax.set_xlim(left=0)
+        xs = [x for pt in summary["points"] if (x := x_of(pt)) is not None]
+        ax.set_xlim(0, 1.08 * max([*xs, *(x for x, _ in refs)], default=1.0))
         ax.set_xlabel(xlabel)
         ax.set_ylabel("WER (%)")
         ax.set_title(f"{summary['model_id']}: {what} ({split})")
