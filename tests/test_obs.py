@@ -215,6 +215,9 @@ def test_ctrl_c_stops_the_workers_at_their_next_step():
         t.start()
         return t
 
+    # An earlier test in the same process may have left its own SIGINT handler installed
+    # (in the full suite the interrupt never became a KeyboardInterrupt): use Python's.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     c0 = time.process_time()
     obs.prune_obs(W, H, 0.5, workers=2)
     full = time.process_time() - c0
@@ -228,6 +231,7 @@ def test_ctrl_c_stops_the_workers_at_their_next_step():
     finally:
         done.set()
         watcher.join()
+        signal.signal(signal.SIGINT, previous)
     assert stopped < 0.7 * full, (stopped, full)
     assert not obs._CANCEL.is_set()  # the next call starts clean
     assert obs.prune_obs(W[:8], H, 0.5, workers=2).pruned_mask.sum() == 8 * n // 2
